@@ -1,0 +1,1 @@
+"""The command side of HelixNet Core: validates commands and appends events."""

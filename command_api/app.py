@@ -1,0 +1,48 @@
+"""The command API: every route that changes state appends events, nothing else."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from shared.health import Check, postgres_check, redis_check
+from shared.settings import Settings, get_settings
+from shared.web import (
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    add_health_route,
+    install_error_handlers,
+    service_resources,
+)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_resources(app, settings):
+            yield
+
+    app = FastAPI(
+        title="HelixNet Core commands",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/commands/docs",
+        openapi_url="/commands/openapi.json",
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequestContextMiddleware)
+    install_error_handlers(app)
+    add_health_route(app, _checks, settings.health_check_timeout_s)
+    return app
+
+
+def _checks(request: Request) -> dict[str, Check]:
+    state = request.app.state
+    return {
+        "postgres": postgres_check(state.engine),
+        "redis": redis_check(state.redis),
+    }

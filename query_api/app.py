@@ -1,0 +1,39 @@
+"""The query API: reads projections and the log, never appends."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from shared.health import Check, postgres_check, rabbitmq_check, redis_check
+from shared.settings import Settings, get_settings
+from shared.web import (
+    RequestContextMiddleware,
+    add_health_route,
+    install_error_handlers,
+    service_resources,
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_resources(app, settings):
+            yield
+
+    app = FastAPI(title="HelixNet Core", version="1", lifespan=lifespan)
+    app.add_middleware(RequestContextMiddleware)
+    install_error_handlers(app)
+    add_health_route(app, _checks, settings.health_check_timeout_s)
+    return app
+
+
+def _checks(request: Request) -> dict[str, Check]:
+    state = request.app.state
+    return {
+        "postgres": postgres_check(state.engine),
+        "rabbitmq": rabbitmq_check(state.settings),
+        "redis": redis_check(state.redis),
+    }

@@ -1,0 +1,1 @@
+"""What two or more HelixNet Core components use: settings, the event store, events."""

@@ -1,0 +1,11 @@
+"""Event types of HelixNet Core. Importing this package registers all of them."""
+
+from shared.events.registry import (
+    DomainEvent,
+    EventRegistry,
+    EventType,
+    event,
+    registry,
+)
+
+__all__ = ["DomainEvent", "EventRegistry", "EventType", "event", "registry"]

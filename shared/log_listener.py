@@ -1,0 +1,62 @@
+"""Wake-ups for readers of the log, from PostgreSQL's LISTEN/NOTIFY.
+
+A notification is only a hint: it can be lost while the listening connection is
+down, and it can arrive before the event is below the read horizon. Readers wait
+for a wake-up *or* a poll interval, whichever comes first, so they never depend on it.
+"""
+
+import asyncio
+import contextlib
+import logging
+
+import psycopg
+
+from shared.event_store import NOTIFY_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class LogListener:
+    def __init__(self, dsn: str, *, reconnect_delay_s: float = 1.0) -> None:
+        self._dsn = dsn
+        self._reconnect_delay_s = reconnect_delay_s
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen(), name="log-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait for a new-events hint, at most `timeout_s` seconds; True if woken."""
+        try:
+            await asyncio.wait_for(self._woken.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        self._woken.clear()
+        return True
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=5
+                )
+                async with connection:
+                    await connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    # Events may have committed while we were not listening.
+                    self._woken.set()
+                    async for _ in connection.notifies():
+                        self._woken.set()
+            except psycopg.Error as exc:
+                log.warning(
+                    "event listener disconnected, retrying", extra={"error": str(exc)}
+                )
+                await asyncio.sleep(self._reconnect_delay_s)
