@@ -1,4 +1,3 @@
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -8,6 +7,7 @@ from shared.db import create_engine
 from shared.event_store import EventStore
 from shared.settings import Settings
 from tests import databases
+from tests.stack import settings_for
 
 
 @pytest.fixture(scope="session")
@@ -27,16 +27,7 @@ def database_url(database_template: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    suffix = uuid.uuid4().hex[:8]
-    return Settings(
-        env="test",
-        database_url=database_url,
-        database_pool_size=10,
-        events_exchange=f"helix.events.test.{suffix}",
-        jobs_queue=f"helix.jobs.test.{suffix}",
-        redis_url="redis://127.0.0.1:6379/15",
-        log_format="console",
-    )
+    return settings_for(database_url)
 
 
 @pytest.fixture
