@@ -1,0 +1,46 @@
+"""FastAPI dependencies of the query API, as `Annotated` aliases."""
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.auth import Principal, authenticate, bearer_scheme
+from shared.event_store import EventStore
+from shared.settings import Settings
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _engine(request: Request) -> AsyncEngine:
+    engine: AsyncEngine = request.app.state.engine
+    return engine
+
+
+def _store(request: Request) -> EventStore:
+    store: EventStore = request.app.state.store
+    return store
+
+
+async def _current_user(
+    request: Request, token: Annotated[str | None, Depends(bearer_scheme)]
+) -> Principal:
+    return await authenticate(request, token)
+
+
+async def _superuser(
+    principal: Annotated[Principal, Depends(_current_user)],
+) -> Principal:
+    if not principal.is_superuser:
+        raise HTTPException(403, "only a superuser may read this")
+    return principal
+
+
+AppSettings = Annotated[Settings, Depends(_settings)]
+Engine = Annotated[AsyncEngine, Depends(_engine)]
+Store = Annotated[EventStore, Depends(_store)]
+CurrentUser = Annotated[Principal, Depends(_current_user)]
+Superuser = Annotated[Principal, Depends(_superuser)]
