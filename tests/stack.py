@@ -110,15 +110,15 @@ class ServiceStack:
 
     def start(self, name: str | None = None) -> None:
         for process in [name] if name else self.names:
-            log = open(self.log_dir / f"{process}.log", "ab")  # noqa: SIM115
-            self.processes[process] = subprocess.Popen(
-                self.command(process),
-                cwd=PROJECT_ROOT,
-                env=environment(self.settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            with open(self.log_dir / f"{process}.log", "ab") as log:
+                self.processes[process] = subprocess.Popen(
+                    self.command(process),
+                    cwd=PROJECT_ROOT,
+                    env=environment(self.settings),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         if "api" in self.processes and (name is None or name == "api"):
             self.wait_until_serving()
 
