@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     events_exchange: str = "helix.events"
     jobs_queue: str = "helix.jobs"
+    # Waits between a job's attempts: exponential from the base, with jitter.
+    job_retry_base_s: float = 2.0
+    job_retry_cap_s: float = 300.0
 
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"

@@ -1,0 +1,132 @@
+"""The job aggregate: a job's state folded from the events of its stream.
+
+The command API decides a cancel from it and answers submissions with it; the
+worker decides from it whether to run a delivery, and which event ends it.
+"""
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from shared.errors import NotFound
+from shared.event_store import RecordedEvent, stream_name
+
+JobStatus = Literal["PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+def job_stream(job_id: UUID) -> str:
+    return stream_name("job", job_id)
+
+
+@dataclass(frozen=True)
+class JobState:
+    id: UUID
+    owner_id: UUID
+    task: str
+    payload: dict[str, Any]
+    max_retries: int
+    timeout_s: float
+    submitted_at: datetime
+    version: int = 1
+    status: JobStatus = "PENDING"
+    attempts: int = 0
+    cancel_requested: bool = False
+    progress: float = 0.0
+    result_data: dict[str, Any] | None = None
+    message: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    last_position: int = 0
+    retry_at: datetime | None = None
+    history: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_events(cls, events: list[RecordedEvent]) -> "JobState":
+        """Fold a job stream, oldest first; raises NotFound for an empty one."""
+        if not events or events[0].type != "JobSubmitted":
+            raise NotFound("job not found")
+        first = events[0]
+        data = first.data
+        state = cls(
+            id=UUID(first.stream_id.removeprefix("job-")),
+            owner_id=UUID(str(data["owner_id"])),
+            task=data["task"],
+            payload=data["payload"],
+            max_retries=int(data["max_retries"]),
+            timeout_s=float(data["timeout_s"]),
+            submitted_at=first.recorded_at,
+            last_position=first.position,
+            history=(first.type,),
+        )
+        for recorded in events[1:]:
+            state = state.apply(recorded)
+        return state
+
+    def apply(self, recorded: RecordedEvent) -> "JobState":
+        data = recorded.data
+        changes: dict[str, Any] = {
+            "version": recorded.version,
+            "last_position": recorded.position,
+            "history": (*self.history, recorded.type),
+        }
+        match recorded.type:
+            case "JobStarted":
+                changes.update(
+                    status="STARTED",
+                    attempts=data["attempt"],
+                    started_at=recorded.recorded_at,
+                    retry_at=None,
+                )
+            case "JobProgressed":
+                changes["progress"] = data["progress"]
+            case "JobRetryScheduled":
+                changes.update(
+                    status="RETRY",
+                    message=data["message"],
+                    retry_at=datetime.fromisoformat(data["retry_at"]),
+                )
+            case "JobSucceeded":
+                changes.update(
+                    status="SUCCESS",
+                    result_data=data["result_data"],
+                    message=None,
+                    progress=1.0,
+                    finished_at=recorded.recorded_at,
+                )
+            case "JobFailed":
+                changes.update(
+                    status="FAILURE",
+                    message=data["message"],
+                    finished_at=recorded.recorded_at,
+                )
+            case "JobCancelRequested":
+                changes["cancel_requested"] = True
+            case "JobCancelled":
+                changes.update(
+                    status="REVOKED",
+                    message="cancelled",
+                    finished_at=recorded.recorded_at,
+                )
+        return replace(self, **changes)
+
+    def view(self) -> dict[str, Any]:
+        """The job as the HTTP API shows it."""
+        return {
+            "id": self.id,
+            "task": self.task,
+            "status": self.status,
+            "result_data": self.result_data,
+            "message": self.message,
+            "progress": self.progress,
+            "attempts": self.attempts,
+            "owner_id": self.owner_id,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }

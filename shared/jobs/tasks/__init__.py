@@ -1,0 +1,1 @@
+"""Task types. Every module here is imported by `load_catalog()`."""
