@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
+from command_api import token_routes, user_routes
 from shared.health import Check, postgres_check, redis_check
 from shared.settings import Settings, get_settings
 from shared.web import (
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     add_health_route(app, _checks, settings.health_check_timeout_s)
+    app.include_router(token_routes.router)
+    app.include_router(user_routes.router)
     return app
 
 

@@ -8,7 +8,8 @@
     ├── PermissionDenied
     ├── Conflict                  the state changed under the caller
     │   ├── WrongExpectedVersion  optimistic concurrency on one stream
-    │   └── DuplicateEventId      an event id reused for different content
+    │   ├── DuplicateEventId      an event id reused for different content
+    │   └── PreconditionFailed    If-Match named a representation that changed
     └── Unavailable               a dependency is down; retrying later may work
         └── StoreUnavailable      PostgreSQL could not be reached
 
@@ -60,6 +61,10 @@ class WrongExpectedVersion(Conflict):
 
 
 class DuplicateEventId(Conflict):
+    pass
+
+
+class PreconditionFailed(Conflict):
     pass
 
 

@@ -1,0 +1,65 @@
+"""`POST /api/v1/token`: the OAuth2 password flow (RFC 6749, section 4.3)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Request, Response
+from pydantic import BaseModel
+
+from command_api.dependencies import AppSettings, Hasher, Redis, Store
+from command_api.throttle import SignInThrottle
+from command_api.user_commands import CommandContext, SignInRefused, sign_in
+from command_api.user_routes import POSITION_HEADER
+from shared.auth import UNAUTHORIZED_HEADERS, create_access_token
+from shared.users import normalise_email
+
+router = APIRouter(prefix="/api/v1", tags=["auth"])
+
+# No stored password is longer; a longer one fails without costing a hash.
+MAX_PASSWORD_CHARS = 128
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+
+
+@router.post("/token", response_model=TokenOut)
+async def issue_token(
+    username: Annotated[str, Form(max_length=320)],
+    password: Annotated[str, Form(max_length=4096)],
+    request: Request,
+    response: Response,
+    settings: AppSettings,
+    store: Store,
+    hasher: Hasher,
+    redis: Redis,
+) -> TokenOut:
+    """Exchange an email (as `username`) and password for a bearer token."""
+    email = normalise_email(username)
+    client_address = request.client.host if request.client else "unknown"
+    throttle = SignInThrottle(redis, settings)
+    retry_after = await throttle.retry_after(email, client_address)
+    if retry_after is not None:
+        raise HTTPException(
+            429,
+            "too many failed sign-ins; try again later",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    context = CommandContext(correlation_id=getattr(request.state, "request_id", None))
+    try:
+        if len(password) > MAX_PASSWORD_CHARS:
+            raise SignInRefused("incorrect email or password")
+        user_id, position = await sign_in(
+            store=store, hasher=hasher, email=email, password=password, context=context
+        )
+    except SignInRefused as exc:
+        await throttle.record_failure(email, client_address)
+        raise HTTPException(401, str(exc), headers=UNAUTHORIZED_HEADERS) from None
+    await throttle.clear(email, client_address)
+
+    issued = create_access_token(settings, user_id)
+    response.headers[POSITION_HEADER] = str(position)
+    response.headers["Cache-Control"] = "no-store"
+    return TokenOut(access_token=issued.token, expires_in=issued.expires_in)

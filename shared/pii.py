@@ -1,0 +1,92 @@
+"""Personal data inside the log, encrypted under one key per user.
+
+Events are immutable, so personal data cannot be deleted from the log; it is made
+unreadable instead ("crypto-shredding"). Each user gets a random Fernet key (AES in
+CBC mode with an HMAC) in the command-side table `user_keys`; the email and full
+name inside that user's events are stored as `pii:<token>`. Erasing a user deletes
+the key row, after which every reader, including a replay that rebuilds a read
+model from the first event, shows those fields as `ERASED`.
+
+Read tables keep the ciphertext as the events have it, and readers decrypt when
+they answer, so projections stay pure functions of the log.
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+from uuid import UUID
+
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.events.user import PII_FIELDS
+
+PREFIX = "pii:"
+ERASED = "[erased]"
+
+
+def new_key() -> bytes:
+    return Fernet.generate_key()
+
+
+def encrypt(key: bytes, value: str) -> str:
+    return PREFIX + Fernet(key).encrypt(value.encode()).decode()
+
+
+def encrypt_optional(key: bytes, value: str | None) -> str | None:
+    return None if value is None else encrypt(key, value)
+
+
+def decrypt(key: bytes | None, value: str | None) -> str | None:
+    """The clear text of `value`, or ERASED once its key is gone."""
+    if value is None or not value.startswith(PREFIX):
+        return value
+    if key is None:
+        return ERASED
+    try:
+        return Fernet(key).decrypt(value[len(PREFIX) :].encode()).decode()
+    except InvalidToken:
+        return ERASED
+
+
+def reveal(
+    event_type: str, data: Mapping[str, Any], key: bytes | None
+) -> dict[str, Any]:
+    """Event data with its personal fields decrypted (or ERASED)."""
+    revealed = dict(data)
+    for field in PII_FIELDS.get(event_type, ()):
+        if field in revealed:
+            revealed[field] = decrypt(key, revealed[field])
+    return revealed
+
+
+async def create_key(connection: AsyncConnection, user_id: UUID) -> bytes:
+    key = new_key()
+    await connection.exec_driver_sql(
+        "INSERT INTO user_keys (user_id, key) VALUES (%(user_id)s, %(key)s)",
+        {"user_id": user_id, "key": key},
+    )
+    return key
+
+
+async def destroy_key(connection: AsyncConnection, user_id: UUID) -> None:
+    await connection.exec_driver_sql(
+        "DELETE FROM user_keys WHERE user_id = %(user_id)s", {"user_id": user_id}
+    )
+
+
+async def load_keys(
+    connection: AsyncConnection, user_ids: Iterable[UUID]
+) -> dict[UUID, bytes]:
+    """The keys of those users that still have one."""
+    wanted = list(set(user_ids))
+    if not wanted:
+        return {}
+    result = await connection.exec_driver_sql(
+        "SELECT user_id, key FROM user_keys WHERE user_id = ANY(%(ids)s)",
+        {"ids": wanted},
+    )
+    return {row.user_id: bytes(row.key) for row in result}
+
+
+async def load_key(connection: AsyncConnection, user_id: UUID) -> bytes | None:
+    return (await load_keys(connection, [user_id])).get(user_id)
