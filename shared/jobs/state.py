@@ -39,6 +39,8 @@ class JobState:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     last_position: int = 0
+    submitted_event_id: UUID | None = None
+    correlation_id: str | None = None
     retry_at: datetime | None = None
     history: tuple[str, ...] = field(default=(), repr=False)
 
@@ -62,6 +64,8 @@ class JobState:
             timeout_s=float(data["timeout_s"]),
             submitted_at=first.recorded_at,
             last_position=first.position,
+            submitted_event_id=first.event_id,
+            correlation_id=first.metadata.get("correlation_id"),
             history=(first.type,),
         )
         for recorded in events[1:]:

@@ -1,0 +1,48 @@
+"""How jobs travel over RabbitMQ as Celery tasks, for the senders and the worker.
+
+The dispatcher sends the task by name, so it never imports the worker; both build
+their Celery app here so that they agree on the broker, the queue and the options.
+"""
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from shared.settings import Settings
+
+RUN_JOB_TASK = "helix.jobs.run"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.rabbitmq_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # The publisher waits for the broker's confirm: a sent task is stored.
+        "broker_transport_options": {"confirm_publish": True},
+        "task_default_queue": settings.jobs_queue,
+        "task_queues": [Queue(settings.jobs_queue, durable=True)],
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.jobs_queue}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Results travel as events in the log, not through a result backend.
+        "task_ignore_result": True,
+        # A task is acknowledged when it ends, and given back if its worker dies,
+        # so a job is never lost to a crash; the job stream makes reruns harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Flower sees every task.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def celery_app(settings: Settings, name: str = "helixnet") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,207 @@
+"""The worker's job runner against a real PostgreSQL, without Celery around it."""
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.events.job import JobCancelRequested, JobStarted, JobSubmitted
+from shared.jobs import load_catalog
+from shared.jobs.state import JobState, job_stream
+from shared.settings import Settings
+from workers.runner import JobRunner
+
+META = EventMetadata(source="tests")
+
+
+@pytest.fixture
+def runner(engine, store: EventStore, settings: Settings) -> JobRunner:
+    fast = settings.model_copy(update={"job_retry_base_s": 0.5})
+    return JobRunner(engine=engine, store=store, catalog=load_catalog(), settings=fast)
+
+
+async def submit(
+    store: EventStore,
+    task: str,
+    payload: dict,
+    *,
+    max_retries: int = 3,
+    timeout_s: float = 300,
+) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    submitted = JobSubmitted(
+        owner_id=uuid.uuid4(),
+        task=task,
+        payload=payload,
+        max_retries=max_retries,
+        timeout_s=timeout_s,
+    )
+    await store.append(
+        job_stream(job_id), [submitted], expected_version=NO_STREAM, metadata=META
+    )
+    return job_id
+
+
+async def types(store: EventStore, job_id: uuid.UUID) -> list[str]:
+    return [e.type for e in await store.read_stream(job_stream(job_id))]
+
+
+async def state_of(store: EventStore, job_id: uuid.UUID) -> JobState:
+    return JobState.from_events(await store.read_stream(job_stream(job_id)))
+
+
+async def test_a_job_runs_once_and_records_its_result(runner, store):
+    job_id = await submit(store, "checksum", {"data": "abc", "algorithm": "md5"})
+
+    assert await runner.run(job_id) == "succeeded"
+
+    state = await state_of(store, job_id)
+    assert await types(store, job_id) == ["JobSubmitted", "JobStarted", "JobSucceeded"]
+    assert state.status == "SUCCESS"
+    assert state.attempts == 1
+    assert state.result_data == {
+        "algorithm": "md5",
+        "hexdigest": "900150983cd24fb0d6963f7d28e17f72",
+    }
+
+
+async def test_a_second_delivery_of_a_finished_job_does_nothing(runner, store):
+    job_id = await submit(store, "echo", {"a": 1})
+    await runner.run(job_id)
+
+    assert await runner.run(job_id) == "finished"
+
+    assert await types(store, job_id) == ["JobSubmitted", "JobStarted", "JobSucceeded"]
+
+
+async def test_two_deliveries_at_once_run_the_job_once(runner, store):
+    job_id = await submit(store, "sleep", {"seconds": 0.5})
+
+    outcomes = await asyncio.gather(runner.run(job_id), runner.run(job_id))
+
+    assert sorted(outcomes) == ["busy", "succeeded"]
+    assert (await types(store, job_id)).count("JobStarted") == 1
+
+
+async def test_a_job_cancelled_before_it_started_never_runs(runner, store):
+    job_id = await submit(store, "echo", {})
+    await store.append(
+        job_stream(job_id), [JobCancelRequested()], expected_version=1, metadata=META
+    )
+
+    assert await runner.run(job_id) == "cancelled"
+
+    assert await types(store, job_id) == [
+        "JobSubmitted",
+        "JobCancelRequested",
+        "JobCancelled",
+    ]
+
+
+async def test_a_running_sleep_stops_when_cancelled(runner, store):
+    job_id = await submit(store, "sleep", {"seconds": 120})
+    running = asyncio.create_task(runner.run(job_id))
+    state = await wait_for_status(store, job_id, "STARTED")
+
+    await store.append(
+        job_stream(job_id),
+        [JobCancelRequested()],
+        expected_version=state.version,
+        metadata=META,
+    )
+
+    assert await asyncio.wait_for(running, 30) == "cancelled"
+    final = await state_of(store, job_id)
+    assert final.status == "REVOKED"
+    assert final.history[-1] == "JobCancelled"
+
+
+async def test_a_job_over_its_timeout_fails_saying_it_timed_out(runner, store):
+    job_id = await submit(store, "sleep", {"seconds": 120}, timeout_s=0.5)
+
+    assert await runner.run(job_id) == "failed"
+
+    state = await state_of(store, job_id)
+    assert state.status == "FAILURE"
+    assert state.message == "timed out after 0.5 s"
+
+
+async def test_a_sleep_reports_progress_while_it_runs(runner, store):
+    job_id = await submit(store, "sleep", {"seconds": 1.5})
+
+    await runner.run(job_id)
+
+    events = await store.read_stream(job_stream(job_id))
+    progress = [e.data["progress"] for e in events if e.type == "JobProgressed"]
+    assert progress
+    assert progress == sorted(progress)
+    assert len(progress) <= 4
+
+
+async def test_a_retryable_failure_is_retried_with_backoff_then_fails(runner, store):
+    job_id = await submit(
+        store, "fail", {"message": "flaky", "retryable": True}, max_retries=2
+    )
+
+    assert await runner.run(job_id) == "retrying"
+    assert await runner.run(job_id) == "not_due"
+    outcomes = []
+    for _ in range(2):
+        state = await state_of(store, job_id)
+        await asyncio.sleep(max(0.0, state.retry_at.timestamp() - _now()) + 0.05)
+        outcomes.append(await runner.run(job_id))
+
+    assert outcomes == ["retrying", "failed"]
+    events = await store.read_stream(job_stream(job_id))
+    retries = [e.data for e in events if e.type == "JobRetryScheduled"]
+    assert [r["attempt"] for r in retries] == [1, 2]
+    assert 0.25 <= retries[0]["delay_s"] <= 0.5
+    assert 0.5 <= retries[1]["delay_s"] <= 1.0
+    state = await state_of(store, job_id)
+    assert (state.status, state.message, state.attempts) == ("FAILURE", "flaky", 3)
+
+
+async def test_a_job_whose_worker_died_is_taken_over_as_a_new_attempt(runner, store):
+    job_id = await submit(store, "echo", {"x": 1})
+    await store.append(
+        job_stream(job_id),
+        [JobStarted(attempt=1, worker="gone/1")],
+        expected_version=1,
+        metadata=META,
+    )
+
+    assert await runner.run(job_id) == "succeeded"
+
+    state = await state_of(store, job_id)
+    assert state.attempts == 2
+    assert state.history.count("JobSucceeded") == 1
+
+
+async def test_a_lost_worker_on_the_last_attempt_fails_the_job(runner, store):
+    job_id = await submit(store, "echo", {}, max_retries=0)
+    await store.append(
+        job_stream(job_id),
+        [JobStarted(attempt=1, worker="gone/1")],
+        expected_version=1,
+        metadata=META,
+    )
+
+    assert await runner.run(job_id) == "failed"
+
+    state = await state_of(store, job_id)
+    assert state.message == "the worker running the job was lost"
+
+
+async def wait_for_status(store: EventStore, job_id: uuid.UUID, status: str):
+    for _ in range(600):
+        state = await state_of(store, job_id)
+        if state.status == status:
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job never reached {status}")
+
+
+def _now() -> float:
+    return time.time()

@@ -1,0 +1,51 @@
+"""The Celery app of the worker: `celery -A workers worker`."""
+
+import logging
+from typing import Any
+from uuid import UUID
+
+from celery import Task
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+
+from shared.errors import Unavailable
+from shared.jobs.messaging import RUN_JOB_TASK, celery_app
+from shared.logging import configure_logging
+from shared.settings import get_settings
+from workers.runtime import close_runtime, current_runtime
+
+log = logging.getLogger(__name__)
+UNAVAILABLE_RETRY_S = 2.0
+
+app = celery_app(get_settings(), name="helixnet-workers")
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    configure_logging(get_settings())
+
+
+@worker_process_init.connect
+def _open_runtime(**_: Any) -> None:
+    current_runtime()
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    close_runtime()
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
+def run_job(self: Task, job_id: str) -> str:
+    """Run job `job_id` if it still needs running; every outcome is an event."""
+    try:
+        return current_runtime().run(current_runtime().runner.run(UUID(job_id)))
+    except Unavailable as exc:
+        # PostgreSQL is down: nothing was decided, so send this delivery again later.
+        log.warning("job store unavailable, retrying", extra={"job_id": job_id})
+        raise self.retry(exc=exc, countdown=UNAVAILABLE_RETRY_S) from exc
+
+
+@app.task(name="helix.ping")
+def ping() -> str:
+    """A no-op, for health checks and for measuring a bare Celery round trip."""
+    return "pong"

@@ -1,0 +1,321 @@
+"""Runs one delivery of a job: decide from the job stream, run the handler, record.
+
+Every delivery of a job's task comes here, however many there are. The runner
+first takes a PostgreSQL advisory lock named after the job, on a session of its
+own, and holds it until the job's outcome is appended:
+
+- lock taken by someone else: another worker runs this job right now, so this
+  delivery is a duplicate and does nothing;
+- job already SUCCESS, FAILURE or REVOKED: nothing to do;
+- cancel requested: append JobCancelled, never run;
+- PENDING, or RETRY and due: append JobStarted with the stream's version (so a
+  racing cancel or a second delivery loses cleanly), then run;
+- STARTED although the lock was free: the worker that started it died (its
+  session ended with it and freed the lock), so this delivery takes over as a
+  new attempt, or fails the job when no attempts are left.
+
+While the handler runs in a thread, the runner watches the job stream for a
+cancel, enforces `timeout_s`, and appends JobProgressed at most twice a second.
+Exactly one terminal event ends the attempt, appended at the version the runner
+last saw; a conflicting append is re-read and re-decided, never duplicated.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.db import connect
+from shared.errors import HelixError, InvalidEventData, NotFound, WrongExpectedVersion
+from shared.event_store import EventMetadata, EventStore
+from shared.events.job import (
+    JobCancelled,
+    JobFailed,
+    JobProgressed,
+    JobRetryScheduled,
+    JobStarted,
+    JobSucceeded,
+)
+from shared.events.registry import DomainEvent
+from shared.jobs import (
+    JobCatalog,
+    JobContext,
+    JobError,
+    JobInterrupted,
+    RetryableJobError,
+    UnknownTask,
+)
+from shared.jobs.retries import retry_delay_s
+from shared.jobs.state import JobState, job_stream
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal[
+    "busy", "finished", "not_due", "cancelled", "succeeded", "failed", "retrying"
+]
+WATCH_INTERVAL_S = 0.2
+PROGRESS_INTERVAL_S = 0.5
+STOP_GRACE_S = 0.5
+# A retry may be delivered a moment early (clocks, broker timers).
+EARLY_RETRY_TOLERANCE = timedelta(milliseconds=100)
+MAX_CONFLICTS = 20
+
+
+@dataclass
+class _Ending:
+    """How an attempt ended, before it is written down."""
+
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    timed_out: bool = False
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        store: EventStore,
+        catalog: JobCatalog,
+        settings: Settings,
+        worker_name: str | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.catalog = catalog
+        self.settings = settings
+        self.worker_name = worker_name or f"{socket.gethostname()}/{os.getpid()}"
+        self.executor = executor or ThreadPoolExecutor(thread_name_prefix="job")
+
+    async def run(self, job_id: UUID) -> Outcome:
+        """Handle one delivery of job `job_id`; see the module docstring."""
+        stream = job_stream(job_id)
+        async with self._job_lock(stream) as locked:
+            if not locked:
+                log.info("job is running elsewhere", extra={"job_id": str(job_id)})
+                return "busy"
+            return await self._run_locked(stream)
+
+    async def _run_locked(self, stream: str) -> Outcome:
+        for _ in range(MAX_CONFLICTS):
+            state = await self._load(stream)
+            if state.terminal:
+                return "finished"
+            if state.cancel_requested:
+                cancelled = JobCancelled(attempt=state.attempts)
+                if await self._try_append(state, cancelled) is not None:
+                    return "cancelled"
+                continue
+            if (
+                state.status == "RETRY"
+                and state.retry_at is not None
+                and datetime.now(UTC) + EARLY_RETRY_TOLERANCE < state.retry_at
+            ):
+                return "not_due"
+            attempt = state.attempts + 1
+            if state.status == "STARTED" and attempt > state.max_retries + 1:
+                lost = JobFailed(
+                    attempt=state.attempts,
+                    message="the worker running the job was lost",
+                    kind="worker_lost",
+                )
+                if await self._try_append(state, lost) is not None:
+                    return "failed"
+                continue
+            started = JobStarted(attempt=attempt, worker=self.worker_name)
+            version = await self._try_append(state, started)
+            if version is not None:
+                state = replace(
+                    state, version=version, status="STARTED", attempts=attempt
+                )
+                return await self._attempt(state, attempt)
+        raise WrongExpectedVersion(stream, None, -1)
+
+    async def _attempt(self, state: JobState, attempt: int) -> Outcome:
+        log.info(
+            "job started",
+            extra={"job_id": str(state.id), "task": state.task, "attempt": attempt},
+        )
+        ending, state = await self._execute(state)
+        return await self._finish(state, attempt, ending)
+
+    async def _execute(self, state: JobState) -> tuple[_Ending, JobState]:
+        context = JobContext()
+        loop = asyncio.get_running_loop()
+        try:
+            task_type = self.catalog.get(state.task)
+        except UnknownTask as exc:
+            return _Ending(error=JobError(str(exc))), state
+        future = loop.run_in_executor(
+            self.executor, task_type.run, state.payload, context
+        )
+        ending = _Ending()
+        deadline = time.monotonic() + state.timeout_s
+        stop_deadline: float | None = None
+        last_progress = 0.0
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL_S)
+            if done:
+                break
+            now = time.monotonic()
+            if stop_deadline is not None:
+                if now >= stop_deadline:
+                    # The handler ignores its stop; its result will be ignored too.
+                    break
+                continue
+            state = await self._refresh(state)
+            if state.cancel_requested:
+                ending.cancelled = True
+            elif now >= deadline:
+                ending.timed_out = True
+            if ending.cancelled or ending.timed_out:
+                context.stop("cancelled" if ending.cancelled else "timed out")
+                stop_deadline = now + STOP_GRACE_S
+                continue
+            progress = context.take_progress()
+            if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
+                last_progress = now
+                event = JobProgressed(attempt=state.attempts, progress=progress)
+                await self._try_append(state, event)
+
+        if future.done() and not (ending.cancelled or ending.timed_out):
+            try:
+                ending.result = future.result()
+            except Exception as exc:
+                ending.error = exc
+
+        return ending, state
+
+    async def _finish(self, state: JobState, attempt: int, ending: _Ending) -> Outcome:
+        outcome, event = self._decide(state, attempt, ending)
+        for _ in range(MAX_CONFLICTS):
+            try:
+                if await self._try_append(state, event) is not None:
+                    break
+            except InvalidEventData as exc:
+                # A result that is not JSON cannot be stored: the job fails instead.
+                outcome = "failed"
+                event = JobFailed(attempt=attempt, message=f"invalid result: {exc}")
+                continue
+            state = await self._load(job_stream(state.id))
+            if state.terminal:
+                return "finished"
+        log.info(
+            "job attempt ended",
+            extra={"job_id": str(state.id), "attempt": attempt, "outcome": outcome},
+        )
+        return outcome
+
+    def _decide(
+        self, state: JobState, attempt: int, ending: _Ending
+    ) -> tuple[Outcome, DomainEvent]:
+        if ending.cancelled:
+            return "cancelled", JobCancelled(attempt=attempt)
+        if ending.timed_out:
+            message = f"timed out after {state.timeout_s:g} s"
+            return "failed", JobFailed(attempt=attempt, message=message, kind="timeout")
+        if ending.result is not None:
+            return "succeeded", JobSucceeded(attempt=attempt, result_data=ending.result)
+        error = ending.error
+        if self._retryable(state, error) and attempt <= state.max_retries:
+            delay = retry_delay_s(
+                attempt,
+                base_s=self.settings.job_retry_base_s,
+                cap_s=self.settings.job_retry_cap_s,
+            )
+            retry = JobRetryScheduled(
+                attempt=attempt,
+                message=_message(error),
+                delay_s=delay,
+                retry_at=datetime.now(UTC) + timedelta(seconds=delay),
+            )
+            return "retrying", retry
+        return "failed", JobFailed(attempt=attempt, message=_message(error))
+
+    def _retryable(self, state: JobState, error: BaseException | None) -> bool:
+        if isinstance(error, RetryableJobError):
+            return True
+        try:
+            retry_on = self.catalog.get(state.task).retry_on
+        except UnknownTask:
+            return False
+        return bool(retry_on) and isinstance(error, retry_on)
+
+    async def _load(self, stream: str) -> JobState:
+        return JobState.from_events(await self.store.read_stream(stream))
+
+    async def _refresh(self, state: JobState) -> JobState:
+        newer = await self.store.read_stream(
+            job_stream(state.id), from_version=state.version + 1
+        )
+        for recorded in newer:
+            state = state.apply(recorded)
+        return state
+
+    async def _try_append(self, state: JobState, event: DomainEvent) -> int | None:
+        """Append at the version in `state`: the new version, or None if the
+        stream moved meanwhile."""
+        metadata = EventMetadata(
+            source="workers",
+            correlation_id=state.correlation_id,
+            causation_id=state.submitted_event_id,
+        )
+        try:
+            appended = await self.store.append(
+                job_stream(state.id),
+                [event],
+                expected_version=state.version,
+                metadata=metadata,
+            )
+        except WrongExpectedVersion:
+            return None
+        return appended.version
+
+    @asynccontextmanager
+    async def _job_lock(self, stream: str) -> AsyncIterator[bool]:
+        # A session-level lock on an autocommit connection: it holds no snapshot
+        # and no transaction, so it never holds back the log's read horizon, and
+        # PostgreSQL frees it when the session ends, however the worker died.
+        key = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+        unlock = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
+        async with connect(self.engine) as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            locked = bool(
+                (await connection.exec_driver_sql(key, (stream,))).scalar_one()
+            )
+            try:
+                yield locked
+            finally:
+                if locked:
+                    try:
+                        await connection.exec_driver_sql(unlock, (stream,))
+                    except Exception:
+                        # Never hand a session that may still hold the lock back
+                        # to the pool.
+                        await connection.invalidate()
+                        raise
+
+
+def _message(error: BaseException | None) -> str:
+    if isinstance(error, JobError):
+        return error.message
+    if isinstance(error, JobInterrupted):
+        return f"interrupted: {error.reason}"
+    if isinstance(error, HelixError | NotFound):
+        return str(error)
+    if error is None:
+        return "the job ended without a result"
+    return f"{type(error).__name__}: {error}"[:2000]
