@@ -1,0 +1,1 @@
+"""Consumers of the event log: relay, projections, job dispatcher, replay tooling."""

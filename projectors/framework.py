@@ -1,0 +1,395 @@
+"""Projections: read tables built from the event log, and how they are applied.
+
+A projection is one module in `projectors/projections/` defining a module-level
+`projection`:
+
+    projection = Projection(
+        name="users",
+        tables={"user_profiles": "id uuid PRIMARY KEY, email text, name text"},
+        indexes={"user_profiles": ["email"]},
+    )
+
+    @projection.handles("UserRegistered")
+    async def add_user(tx: ProjectionTx, event: RecordedEvent) -> None:
+        await tx.connection.exec_driver_sql(
+            f"INSERT INTO {tx.table('user_profiles')} (id, email) VALUES (%s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (event.data["user_id"], event.data["email"]),
+        )
+
+Handlers must be deterministic functions of the events: a rebuild replays them and
+must produce the same rows. They must not append events or call other services.
+A handler that can do a run of events at once (one INSERT for thousands of rows)
+registers with `handles_batch` and receives each run of consecutive events it
+handles; replays get much faster that way.
+
+Read tables are generations: the physical table `<table>_g<N>`, and a view named
+after the logical table pointing at the live generation. Readers always go through
+the view. A rebuild fills generation N+1 while N keeps serving, then swaps the views
+in one transaction (see `projectors.rebuild`).
+
+Events are applied in batches, each in one transaction together with the
+projection's checkpoint. The checkpoint row is locked first, and events at or below
+it are dropped, so applying is idempotent and two processes never apply one event
+twice.
+"""
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.checkpoints import (
+    RELAY,
+    create_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from shared.db import transaction
+from shared.event_store import LOG_START, EventStore, LogPosition, RecordedEvent
+from shared.events.registry import EventRegistry
+
+log = logging.getLogger(__name__)
+
+IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# Serialises DDL on projection tables between processes starting at once.
+_DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('helix.projections.ddl'))"
+
+
+class ProjectionTx:
+    """What a handler gets: the batch's connection and the tables it writes."""
+
+    __slots__ = ("connection", "projection", "_tables")
+
+    def __init__(
+        self,
+        connection: AsyncConnection,
+        projection: "Projection",
+        tables: Mapping[str, str],
+    ) -> None:
+        self.connection = connection
+        self.projection = projection
+        self._tables = tables
+
+    def table(self, logical: str) -> str:
+        """The physical name of `logical` in the generation being written."""
+        return self._tables[logical]
+
+
+EventHandler = Callable[[ProjectionTx, RecordedEvent], Awaitable[None]]
+BatchHandler = Callable[[ProjectionTx, Sequence[RecordedEvent]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Handler:
+    function: Callable[..., Awaitable[None]]
+    batched: bool
+
+
+class Projection:
+    """A set of read tables and the handlers that build them from events."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        tables: Mapping[str, str],
+        indexes: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        if not IDENTIFIER.match(name) or name == RELAY:
+            raise ValueError(f"bad projection name {name!r}")
+        for table in tables:
+            if not IDENTIFIER.match(table):
+                raise ValueError(f"bad table name {table!r} in projection {name}")
+        unknown = set(indexes or {}) - set(tables)
+        if unknown:
+            raise ValueError(f"indexes on tables {name} does not have: {unknown}")
+        self.name = name
+        self.tables = dict(tables)
+        self.indexes = {
+            table: list(columns) for table, columns in (indexes or {}).items()
+        }
+        self._handlers: dict[str, _Handler] = {}
+
+    def __repr__(self) -> str:
+        return f"Projection({self.name!r})"
+
+    def handles(self, *event_types: str) -> Callable[[EventHandler], EventHandler]:
+        """Register a handler called with each event of `event_types`."""
+
+        def register(function: EventHandler) -> EventHandler:
+            self._register(event_types, _Handler(function, batched=False))
+            return function
+
+        return register
+
+    def handles_batch(
+        self, *event_types: str
+    ) -> Callable[[BatchHandler], BatchHandler]:
+        """Register a handler called with each run of consecutive `event_types`."""
+
+        def register(function: BatchHandler) -> BatchHandler:
+            self._register(event_types, _Handler(function, batched=True))
+            return function
+
+        return register
+
+    def _register(self, event_types: Iterable[str], handler: _Handler) -> None:
+        for event_type in event_types:
+            if event_type in self._handlers:
+                raise ValueError(f"{self.name} handles {event_type} twice")
+            self._handlers[event_type] = handler
+
+    @property
+    def event_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    @property
+    def schema_hash(self) -> str:
+        """Changes whenever the table definitions do (the live tables are stale)."""
+        text = json.dumps([self.tables, self.indexes], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def generation_tables(self, generation: int) -> dict[str, str]:
+        return {logical: f"{logical}_g{generation}" for logical in self.tables}
+
+    async def apply(
+        self,
+        connection: AsyncConnection,
+        tables: Mapping[str, str],
+        events: Sequence[RecordedEvent],
+    ) -> None:
+        """Run the handlers for `events`, in log order, on `connection`."""
+        tx = ProjectionTx(connection, self, tables)
+        handled = [event for event in events if event.type in self._handlers]
+        start = 0
+        while start < len(handled):
+            handler = self._handlers[handled[start].type]
+            if not handler.batched:
+                await handler.function(tx, handled[start])
+                start += 1
+                continue
+            end = start + 1
+            while end < len(handled) and self._handlers[handled[end].type] is handler:
+                end += 1
+            await handler.function(tx, handled[start:end])
+            start = end
+
+
+def checkpoint_name(projection: Projection, generation: int | None = None) -> str:
+    """The live checkpoint's name, or that of a generation being built."""
+    if generation is None:
+        return projection.name
+    return f"{projection.name}@g{generation}"
+
+
+def _index_name(table: str, columns: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", columns.lower()).strip("_")
+    name = f"{table}_{slug}_idx"
+    if len(name) > 63:
+        digest = hashlib.sha256(columns.encode()).hexdigest()[:8]
+        name = f"{table[:40]}_{digest}_idx"
+    return name
+
+
+async def create_tables(
+    connection: AsyncConnection,
+    projection: Projection,
+    tables: Mapping[str, str],
+    *,
+    with_indexes: bool = True,
+    unlogged: bool = False,
+) -> None:
+    kind = "UNLOGGED TABLE" if unlogged else "TABLE"
+    for logical, columns in projection.tables.items():
+        await connection.exec_driver_sql(
+            f"CREATE {kind} IF NOT EXISTS {tables[logical]} ({columns})"
+        )
+    if with_indexes:
+        await create_indexes(connection, projection, tables)
+
+
+async def create_indexes(
+    connection: AsyncConnection, projection: Projection, tables: Mapping[str, str]
+) -> None:
+    for logical, index_columns in projection.indexes.items():
+        physical = tables[logical]
+        for columns in index_columns:
+            await connection.exec_driver_sql(
+                f"CREATE INDEX IF NOT EXISTS {_index_name(physical, columns)}"
+                f" ON {physical} ({columns})"
+            )
+
+
+async def drop_tables(connection: AsyncConnection, tables: Mapping[str, str]) -> None:
+    for physical in tables.values():
+        await connection.exec_driver_sql(f"DROP TABLE IF EXISTS {physical}")
+
+
+async def point_views(
+    connection: AsyncConnection, projection: Projection, generation: int
+) -> None:
+    """Point each logical view at `generation` (drop and create: columns may change)."""
+    for logical, physical in projection.generation_tables(generation).items():
+        await connection.exec_driver_sql(f"DROP VIEW IF EXISTS {logical}")
+        await connection.exec_driver_sql(
+            f"CREATE VIEW {logical} AS SELECT * FROM {physical}"
+        )
+
+
+async def ensure_created(
+    engine: AsyncEngine, projections: Sequence[Projection]
+) -> list[Projection]:
+    """Create what each projection needs, if missing; idempotent, safe to race.
+
+    A new projection gets its state row, its checkpoint at the start of the log,
+    generation 1 of its tables and the views. Returns the projections whose live
+    tables were created from other definitions than the code's now (stale: they
+    need a rebuild, see `projectors.rebuild`).
+    """
+    stale = []
+    async with transaction(engine) as connection:
+        await connection.exec_driver_sql(_DDL_LOCK)
+        for projection in projections:
+            row = (
+                await connection.exec_driver_sql(
+                    "SELECT live_generation, schema_hash FROM projection_state"
+                    " WHERE name = %s",
+                    (projection.name,),
+                )
+            ).first()
+            if row is None:
+                await _create_projection(connection, projection)
+                continue
+            generation, schema_hash = row
+            await connection.exec_driver_sql(
+                "UPDATE projection_state SET event_types = %s WHERE name = %s",
+                (projection.event_types, projection.name),
+            )
+            if schema_hash != projection.schema_hash:
+                log.warning(
+                    "projection tables differ from their definition; rebuild it",
+                    extra={"projection": projection.name, "generation": generation},
+                )
+                stale.append(projection)
+    return stale
+
+
+async def _create_projection(
+    connection: AsyncConnection, projection: Projection
+) -> None:
+    await connection.exec_driver_sql(
+        "INSERT INTO projection_state (name, live_generation, schema_hash, event_types)"
+        " VALUES (%s, 1, %s, %s)",
+        (projection.name, projection.schema_hash, projection.event_types),
+    )
+    await create_checkpoint(connection, checkpoint_name(projection))
+    await create_tables(connection, projection, projection.generation_tables(1))
+    await point_views(connection, projection, 1)
+    log.info("created projection", extra={"projection": projection.name})
+
+
+async def live_tables(
+    connection: AsyncConnection, projection: Projection
+) -> dict[str, str]:
+    generation = (
+        await connection.exec_driver_sql(
+            "SELECT live_generation FROM projection_state WHERE name = %s",
+            (projection.name,),
+        )
+    ).scalar_one()
+    return projection.generation_tables(generation)
+
+
+async def apply_in_transaction(
+    connection: AsyncConnection,
+    projection: Projection,
+    events: Sequence[RecordedEvent],
+    *,
+    through: LogPosition | None = None,
+    generation: int | None = None,
+    tables: Mapping[str, str] | None = None,
+) -> LogPosition:
+    """Apply `events` and move the checkpoint, in the caller's transaction.
+
+    Locks the checkpoint (of the live tables, or of `generation`), drops the events
+    at or below it, applies the rest and moves it to the last one, or to `through`
+    if that is further: the caller read the log up to `through` and found nothing
+    else this projection handles. Returns the new checkpoint.
+    """
+    name = checkpoint_name(projection, generation)
+    current = await read_checkpoint(connection, name, for_update=True)
+    if current is None:
+        raise LookupError(f"no checkpoint {name}; run ensure_created first")
+    fresh = [event for event in events if event.log_position > current]
+    target = max([current, *(e.log_position for e in fresh[-1:]), through or current])
+    if target == current:
+        return current
+    if fresh:
+        # Looked up after the checkpoint lock: a swap of generations holds it too.
+        if tables is None:
+            tables = (
+                await live_tables(connection, projection)
+                if generation is None
+                else projection.generation_tables(generation)
+            )
+        await projection.apply(connection, tables, fresh)
+    await save_checkpoint(connection, name, target)
+
+    return target
+
+
+async def apply_batch(
+    engine: AsyncEngine,
+    projection: Projection,
+    events: Sequence[RecordedEvent],
+    *,
+    through: LogPosition | None = None,
+    generation: int | None = None,
+) -> LogPosition:
+    """Apply `events` and move the checkpoint in one transaction of its own."""
+    async with transaction(engine) as connection:
+        return await apply_in_transaction(
+            connection, projection, events, through=through, generation=generation
+        )
+
+
+async def catch_up(
+    engine: AsyncEngine,
+    projection: Projection,
+    *,
+    events: EventRegistry | None = None,
+    store: EventStore | None = None,
+    until: LogPosition | None = None,
+    batch_size: int = 2000,
+) -> LogPosition:
+    """Apply, from the store, everything after the live checkpoint up to `until`.
+
+    Without `until`, goes to the head of the log as it is when called. The
+    checkpoint ends at that point even if the last events there are of types this
+    projection does not handle. Tests use this to project synchronously.
+    """
+    if store is None:
+        store = EventStore(engine, events) if events is not None else EventStore(engine)
+    if until is None:
+        until = await store.head()
+    if not projection.event_types:
+        return await apply_batch(engine, projection, [], through=until)
+    async with transaction(engine) as connection:
+        position = await read_checkpoint(connection, checkpoint_name(projection))
+    position = position or LOG_START
+    while position < until:
+        page = await store.read_all(
+            position,
+            limit=batch_size,
+            types=projection.event_types,
+            until=until,
+        )
+        through = until if len(page) < batch_size else None
+        position = await apply_batch(engine, projection, page, through=through)
+
+    return position

@@ -1,0 +1,170 @@
+"""Checkpoints: how far along the log each consumer of it has got.
+
+A checkpoint is a `LogPosition` (transaction id, position), stored in the
+`checkpoints` table under a name: "relay" for the relay, the projection's name for
+a projection's live read tables. Projections also record, in `projection_state`,
+the event types they handle, so a reader can tell that a projection has nothing
+left to do before some position even when its checkpoint has not reached it.
+
+The query API reads freshness from here (read-your-writes, lag in `/health/`); the
+projectors write through the same functions.
+"""
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.db import connect
+from shared.event_store import LOG_START, LogPosition
+
+RELAY = "relay"
+
+_HORIZON = "e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+
+
+async def create_checkpoint(connection: AsyncConnection, name: str) -> None:
+    await connection.exec_driver_sql(
+        "INSERT INTO checkpoints (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+        (name,),
+    )
+
+
+async def read_checkpoint(
+    connection: AsyncConnection, name: str, *, for_update: bool = False
+) -> LogPosition | None:
+    """The checkpoint called `name`, or None if there is none.
+
+    `for_update` locks the row until the transaction ends: every writer of a
+    checkpoint does so, which serialises them, so two processes applying the same
+    projection never apply one event twice.
+    """
+    sql = (
+        "SELECT transaction_id::text::bigint, position FROM checkpoints"
+        " WHERE name = %s" + (" FOR UPDATE" if for_update else "")
+    )
+    row = (await connection.exec_driver_sql(sql, (name,))).first()
+    return LogPosition(row[0], row[1]) if row else None
+
+
+async def save_checkpoint(
+    connection: AsyncConnection, name: str, position: LogPosition
+) -> None:
+    await connection.exec_driver_sql(
+        "INSERT INTO checkpoints (name, transaction_id, position, updated_at)"
+        " VALUES (%s, %s::text::xid8, %s, now())"
+        " ON CONFLICT (name) DO UPDATE SET transaction_id = excluded.transaction_id,"
+        " position = excluded.position, updated_at = excluded.updated_at",
+        (name, str(position.transaction_id), position.position),
+    )
+
+
+async def checkpoint(engine: AsyncEngine, name: str) -> LogPosition:
+    async with connect(engine) as connection:
+        return await read_checkpoint(connection, name) or LOG_START
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """How far a consumer of the log is behind its head."""
+
+    name: str
+    checkpoint: LogPosition
+    events: int
+    seconds: float
+    updated_at_age_s: float
+
+
+_LAG = f"""
+SELECT c.name, c.transaction_id::text::bigint, c.position,
+       extract(epoch FROM now() - c.updated_at)::float8,
+       behind.events,
+       coalesce(extract(epoch FROM now() - behind.oldest), 0)::float8
+FROM checkpoints c
+LEFT JOIN projection_state s ON s.name = c.name
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, min(e.recorded_at) AS oldest
+    FROM events e
+    WHERE {_HORIZON}
+      AND (e.transaction_id, e.position) > (c.transaction_id, c.position)
+      AND (s.name IS NULL OR e.type = ANY(s.event_types))
+) behind
+WHERE c.name NOT LIKE '%%@%%' AND (%(names)s::text[] IS NULL OR c.name = ANY(%(names)s))
+ORDER BY c.name
+"""
+
+
+async def lags(engine: AsyncEngine, names: Sequence[str] | None = None) -> list[Lag]:
+    """Lag of the relay and of each projection's live tables, in events and seconds.
+
+    A projection's lag counts only the event types it handles. Seconds are the age
+    of the oldest event it has yet to process (0 when it is caught up).
+    """
+    params = {"names": list(names) if names is not None else None}
+    async with connect(engine) as connection:
+        rows = (await connection.exec_driver_sql(_LAG, params)).all()
+    return [
+        Lag(row[0], LogPosition(row[1], row[2]), int(row[4]), float(row[5]), row[3])
+        for row in rows
+    ]
+
+
+_CAUGHT_UP = """
+SELECT count(*) FROM checkpoints c
+JOIN projection_state s ON s.name = c.name
+WHERE c.name = ANY(%(names)s)
+  AND ((c.transaction_id, c.position) >= (%(xid)s::text::xid8, %(pos)s)
+       OR NOT EXISTS (
+           SELECT 1 FROM events e
+           WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
+             AND (e.transaction_id, e.position) <= (%(xid)s::text::xid8, %(pos)s)
+             AND e.type = ANY(s.event_types)))
+"""
+
+_LOCATE = "SELECT transaction_id::text::bigint FROM events WHERE position = %s"
+
+
+async def processed(
+    connection: AsyncConnection, names: Sequence[str], position: LogPosition
+) -> bool:
+    """Whether every projection in `names` reflects all events up to `position`."""
+    params = {
+        "names": list(names),
+        "xid": str(position.transaction_id),
+        "pos": position.position,
+    }
+    result = await connection.exec_driver_sql(_CAUGHT_UP, params)
+    return int(result.scalar_one()) == len(set(names))
+
+
+async def wait_until_processed(
+    engine: AsyncEngine,
+    names: Sequence[str],
+    position: int,
+    *,
+    timeout_s: float,
+    poll_s: float = 0.01,
+    max_poll_s: float = 0.1,
+) -> bool:
+    """Wait until the projections `names` have processed global `position`.
+
+    Returns False if they have not within `timeout_s`. A position not in the log
+    (yet: a replica may lag its primary) counts as not processed. Polls with a
+    short, growing interval: waits are brief, and a checkpoint moves often.
+    """
+    deadline = time.monotonic() + timeout_s
+    located: LogPosition | None = None
+    while True:
+        async with connect(engine) as connection:
+            if located is None:
+                row = (await connection.exec_driver_sql(_LOCATE, (position,))).first()
+                located = LogPosition(row[0], position) if row else None
+            if located is not None and await processed(connection, names, located):
+                return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(poll_s, remaining))
+        poll_s = min(poll_s * 2, max_poll_s)

@@ -1,0 +1,49 @@
+"""A projection over the test-only events of tests/sample_events.py.
+
+`things` holds one row a thing; `applied` counts how often a handler ran for it,
+an UPDATE that is not idempotent on purpose, so applying an event twice shows.
+"""
+
+from collections.abc import Sequence
+
+from projectors.framework import Projection, ProjectionTx
+from shared.event_store import RecordedEvent
+
+
+def make_projection(name: str = "things") -> Projection:
+    projection = Projection(
+        name=name,
+        tables={
+            "things": "stream_id text PRIMARY KEY, name text NOT NULL,"
+            " size integer NOT NULL, applied integer NOT NULL, last_position bigint"
+        },
+        indexes={"things": ["name"]},
+    )
+
+    @projection.handles_batch("ThingHappened")
+    async def add_things(tx: ProjectionTx, events: Sequence[RecordedEvent]) -> None:
+        await tx.connection.exec_driver_sql(
+            f"INSERT INTO {tx.table('things')}"
+            " (stream_id, name, size, applied, last_position)"
+            " SELECT s, n, z, 1, p FROM unnest(%s::text[], %s::text[], %s::int[],"
+            " %s::bigint[]) AS t(s, n, z, p)"
+            " ON CONFLICT (stream_id) DO UPDATE SET name = excluded.name,"
+            f" size = excluded.size, applied = {tx.table('things')}.applied + 1,"
+            " last_position = excluded.last_position",
+            (
+                [e.stream_id for e in events],
+                [e.data["name"] for e in events],
+                [e.data["size"] for e in events],
+                [e.position for e in events],
+            ),
+        )
+
+    @projection.handles("ThingRenamed")
+    async def rename_thing(tx: ProjectionTx, event: RecordedEvent) -> None:
+        await tx.connection.exec_driver_sql(
+            f"UPDATE {tx.table('things')} SET name = %s, applied = applied + 1,"
+            " last_position = %s WHERE stream_id = %s",
+            (event.data["new_name"], event.position, event.stream_id),
+        )
+
+    return projection
