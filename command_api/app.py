@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from command_api import token_routes, user_routes
+from command_api import job_routes, token_routes, user_routes
 from shared.health import Check, postgres_check, redis_check
 from shared.settings import Settings, get_settings
 from shared.web import (
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_health_route(app, _checks, settings.health_check_timeout_s)
     app.include_router(token_routes.router)
     app.include_router(user_routes.router)
+    app.include_router(job_routes.router)
     return app
 
 
