@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
+from query_api import history_routes, user_routes
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.settings import Settings, get_settings
 from shared.web import (
@@ -27,6 +28,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     add_health_route(app, _checks, settings.health_check_timeout_s)
+    app.include_router(user_routes.router)
+    app.include_router(history_routes.router)
     return app
 
 

@@ -39,8 +39,13 @@ async def _superuser(
     return principal
 
 
+async def _users_fresh() -> None:
+    """Read-your-writes on the users projection (see query_api/consistency.py)."""
+
+
 AppSettings = Annotated[Settings, Depends(_settings)]
 Engine = Annotated[AsyncEngine, Depends(_engine)]
 Store = Annotated[EventStore, Depends(_store)]
 CurrentUser = Annotated[Principal, Depends(_current_user)]
 Superuser = Annotated[Principal, Depends(_superuser)]
+UsersFresh = Annotated[None, Depends(_users_fresh)]

@@ -105,7 +105,10 @@ def create_access_token(
     lifetime = timedelta(minutes=settings.access_token_minutes)
     claims = {
         "sub": str(user_id),
-        "iat": issued_at,
+        # A fraction of a second, so a token issued just after a reactivation is
+        # told apart from one issued just before the deactivation (RFC 7519
+        # allows a non-integer NumericDate).
+        "iat": issued_at.timestamp(),
         "exp": issued_at + lifetime,
         "jti": str(uuid.uuid4()),
         "iss": settings.jwt_issuer,
@@ -156,9 +159,7 @@ async def load_principal(
         row = result.one_or_none()
     if row is None or not row.is_active:
         raise InvalidToken("the account is not active")
-    issued_at = datetime.fromtimestamp(int(claims["iat"]), UTC)
-    # iat has whole seconds: a token from the same second as a deactivation is
-    # refused too, which errs on the safe side.
+    issued_at = datetime.fromtimestamp(float(claims["iat"]), UTC)
     if row.tokens_valid_after is not None and issued_at <= row.tokens_valid_after:
         raise InvalidToken("the token was issued before the account was deactivated")
     return Principal(user_id=user_id, is_superuser=bool(row.is_superuser))

@@ -1,0 +1,186 @@
+"""History of one user or job, and the audit trail: the log itself, read back.
+
+These read the `events` table, not a projection, so they are never behind. Items
+are ordered by global position and paged with `after` / `next_after`. Personal
+data inside user events is decrypted with the user's key, or shown as erased.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from query_api.dependencies import CurrentUser, Engine, Superuser
+from shared import pii
+from shared.db import connect
+from shared.errors import UnknownEventType
+from shared.events import registry
+from shared.users import user_id_of, user_stream
+
+router = APIRouter(prefix="/api/v1", tags=["history"])
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 100
+# Only events below the oldest open transaction: a page never shows an event
+# whose transaction might still roll back.
+_HORIZON = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+_SELECT = (
+    "SELECT position, stream_id, version, type, schema_version, data, metadata,"
+    " recorded_at FROM events"
+)
+
+After = Annotated[int, Query(ge=0, description="return events after this position")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+
+
+class HistoryItem(BaseModel):
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    recorded_at: datetime
+    actor_id: UUID | None
+    correlation_id: str | None
+    data: dict[str, Any]
+
+
+class HistoryPage(BaseModel):
+    items: list[HistoryItem]
+    next_after: int | None
+
+
+def _current_data(event_type: str, schema_version: int, data: Any) -> Any:
+    try:
+        registered = registry.get(event_type)
+    except UnknownEventType:
+        return data
+    if schema_version < registered.version:
+        return registered.upcast(data, schema_version)
+    return data
+
+
+async def _page(
+    connection: AsyncConnection,
+    filters: list[str],
+    params: dict[str, Any],
+    limit: int,
+) -> HistoryPage:
+    sql = (
+        f"{_SELECT} WHERE {' AND '.join([_HORIZON, *filters])}"
+        f" ORDER BY position LIMIT {int(limit)}"
+    )
+    rows = list((await connection.exec_driver_sql(sql, params)).all())
+    owners = {row.position: user_id_of(row.stream_id) for row in rows}
+    keys = await pii.load_keys(connection, [u for u in owners.values() if u])
+    items = []
+    for row in rows:
+        owner = owners[row.position]
+        data = _current_data(row.type, row.schema_version, row.data)
+        if owner is not None:
+            data = pii.reveal(row.type, data, keys.get(owner))
+        items.append(
+            HistoryItem(
+                position=row.position,
+                stream_id=row.stream_id,
+                version=row.version,
+                type=row.type,
+                recorded_at=row.recorded_at,
+                actor_id=row.metadata.get("actor_id"),
+                correlation_id=row.metadata.get("correlation_id"),
+                data=data,
+            )
+        )
+    full = len(items) == limit
+    return HistoryPage(items=items, next_after=items[-1].position if full else None)
+
+
+@router.get("/users/{user_id}/history", response_model=HistoryPage)
+async def user_history(
+    user_id: UUID,
+    engine: Engine,
+    principal: CurrentUser,
+    after: After = 0,
+    limit: Limit = DEFAULT_PAGE,
+) -> HistoryPage:
+    """Every event of one user's stream (self or superuser)."""
+    if not principal.may_act_on(user_id):
+        raise HTTPException(404, "user not found")
+    filters = ["stream_id = %(stream_id)s", "position > %(after)s"]
+    params = {"stream_id": user_stream(user_id), "after": after}
+    async with connect(engine) as connection:
+        page = await _page(connection, filters, params, limit)
+    if not page.items and after == 0:
+        raise HTTPException(404, "user not found")
+    return page
+
+
+@router.get("/jobs/{job_id}/history", response_model=HistoryPage)
+async def job_history(
+    job_id: UUID,
+    engine: Engine,
+    principal: CurrentUser,
+    after: After = 0,
+    limit: Limit = DEFAULT_PAGE,
+) -> HistoryPage:
+    """Every event of one job's stream (owner or superuser)."""
+    stream_id = f"job-{job_id}"
+    async with connect(engine) as connection:
+        # The owner as the log has it, so this never waits on the jobs projection.
+        result = await connection.exec_driver_sql(
+            "SELECT data->>'owner_id' FROM events"
+            " WHERE stream_id = %(stream_id)s AND type = 'JobSubmitted'",
+            {"stream_id": stream_id},
+        )
+        owner = result.scalar_one_or_none()
+        if owner is None or not (
+            principal.is_superuser or owner == str(principal.user_id)
+        ):
+            raise HTTPException(404, "job not found")
+        filters = ["stream_id = %(stream_id)s", "position > %(after)s"]
+        params = {"stream_id": stream_id, "after": after}
+        return await _page(connection, filters, params, limit)
+
+
+@router.get("/audit", response_model=HistoryPage)
+async def audit(
+    engine: Engine,
+    principal: Superuser,
+    stream: Annotated[str | None, Query(max_length=200)] = None,
+    category: Annotated[str | None, Query(max_length=50)] = None,
+    event_types: Annotated[list[str] | None, Query(alias="type")] = None,
+    actor_id: UUID | None = None,
+    correlation_id: Annotated[str | None, Query(max_length=200)] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after: After = 0,
+    limit: Limit = DEFAULT_PAGE,
+) -> HistoryPage:
+    """The whole log, filtered: who did what, when (superuser)."""
+    filters = ["position > %(after)s"]
+    params: dict[str, Any] = {"after": after}
+    if stream is not None:
+        filters.append("stream_id = %(stream)s")
+        params["stream"] = stream
+    if category is not None:
+        filters.append("category = %(category)s")
+        params["category"] = category
+    if event_types:
+        filters.append("type = ANY(%(types)s)")
+        params["types"] = event_types
+    if actor_id is not None:
+        filters.append("metadata->>'actor_id' = %(actor_id)s")
+        params["actor_id"] = str(actor_id)
+    if correlation_id is not None:
+        filters.append("metadata->>'correlation_id' = %(correlation_id)s")
+        params["correlation_id"] = correlation_id
+    if since is not None:
+        filters.append("recorded_at >= %(since)s")
+        params["since"] = since
+    if until is not None:
+        filters.append("recorded_at < %(until)s")
+        params["until"] = until
+    async with connect(engine) as connection:
+        return await _page(connection, filters, params, limit)
