@@ -1,0 +1,1096 @@
+"""The Docker Compose stack, Traefik's configuration and the image, read statically.
+
+No Docker engine runs where these tests run, so they read compose/compose.yaml,
+traefik/, the Dockerfile and .dockerignore and check what `docker compose up` relies
+on: the services and their start order, each request routed to the API that serves
+it, HTTPS everywhere, secrets only from the environment, and commands that name
+modules which exist. compose_spec.json beside this file is the Compose Specification
+schema (Apache-2.0) as Docker Compose v2.40.3 embeds it.
+"""
+
+import ast
+import datetime
+import importlib.util
+import json
+import os
+import re
+import shlex
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+
+from shared.settings import DEVELOPMENT_JWT_SECRET, WELL_KNOWN_PASSWORDS, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
+TRAEFIK_DIR = ROOT / "traefik"
+SCHEMA_FILE = Path(__file__).with_name("compose_spec.json")
+CERTIFICATE_SCRIPT = COMPOSE_DIR / "tls" / "ensure_certificate.py"
+
+# The processes of DESIGN.md ("Processes"), and the stores and tools beside them.
+PROCESSES = {"migrate", "command-api", "query-api", "projectors", "worker", "flower"}
+INFRASTRUCTURE = {"traefik", "postgres", "rabbitmq", "redis", "pgadmin"}
+APIS = ("command-api", "query-api")
+ONE_SHOTS = {"migrate", "certificates"}
+IMAGE_SERVICES = PROCESSES | {"certificates"}
+HOSTS = {
+    "helix.local",
+    "flower.helix.local",
+    "pgadmin.helix.local",
+    "rabbitmq.helix.local",
+    "traefik.helix.local",
+}
+SECRET_NAME = re.compile(r"PASSWORD|PASS$|SECRET|TOKEN|_KEY$")
+REQUIRED_VARIABLE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*):\?[^}]*\}$")
+DEPENDENCY_CONDITIONS = {
+    "service_started",
+    "service_healthy",
+    "service_completed_successfully",
+}
+
+
+# -- Compose interpolation, as `docker compose` does it -----------------------------
+
+
+class MissingVariable(Exception):
+    pass
+
+
+_REFERENCE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+)
+_BRACED = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?", re.DOTALL)
+
+
+def interpolate_text(text: str, env: Mapping[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        if match["named"]:
+            return env.get(match["named"], "")
+        parsed = _BRACED.fullmatch(match["braced"])
+        assert parsed, f"unsupported interpolation ${{{match['braced']}}}"
+        name, operator, argument = parsed.groups()
+        value = env.get(name)
+        if operator in (":?", "?") and (
+            value is None or (operator == ":?" and not value)
+        ):
+            raise MissingVariable(f"{name}: {argument}")
+        if operator == ":-":
+            return value or argument
+        if operator == "-":
+            return argument if value is None else value
+        if operator == ":+":
+            return argument if value else ""
+        if operator == "+":
+            return "" if value is None else argument
+        return value or ""
+
+    return _REFERENCE.sub(substitute, text)
+
+
+def interpolate(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate_text(node, env)
+    if isinstance(node, list):
+        return [interpolate(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: interpolate(value, env) for key, value in node.items()}
+    return node
+
+
+def required_variables(text: str) -> set[str]:
+    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text))
+
+
+def filled_in(names: set[str]) -> dict[str, str]:
+    """A value for each variable, as an operator following .env.example would set."""
+    return {
+        name: "ops@helix.net"
+        if name.endswith("EMAIL")
+        else f"{name.lower()}-{'7f3a9c' * 6}"
+        for name in names
+    }
+
+
+# -- Loading -------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+RAW_COMPOSE: dict[str, Any] = load_yaml(COMPOSE_FILE)
+REQUIRED = required_variables(COMPOSE_FILE.read_text())
+OPERATOR_ENV = filled_in(REQUIRED)
+COMPOSE: dict[str, Any] = interpolate(RAW_COMPOSE, OPERATOR_ENV)
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+STATIC = load_yaml(TRAEFIK_DIR / "traefik.yml")
+DYNAMIC = {
+    path.name: load_yaml(path)
+    for path in sorted((TRAEFIK_DIR / "dynamic").glob("*.y*ml"))
+}
+
+
+def environment(service: str) -> dict[str, str]:
+    env = SERVICES[service].get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def raw_environment(service: str) -> dict[str, str]:
+    env = RAW_COMPOSE["services"][service].get("environment") or {}
+    return {key: str(value) for key, value in env.items()}
+
+
+def command(service: str, compose: Mapping[str, Any] = COMPOSE) -> list[str]:
+    value = compose["services"][service]["command"]
+    return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
+
+
+def option(argv: list[str], *names: str) -> str:
+    for index, argument in enumerate(argv):
+        for name in names:
+            if argument == name:
+                return argv[index + 1]
+            if argument.startswith(f"{name}="):
+                return argument.split("=", 1)[1]
+    raise AssertionError(f"{argv} has none of {names}")
+
+
+def depends_on(service: str) -> dict[str, str]:
+    value = SERVICES[service].get("depends_on") or {}
+    if isinstance(value, list):
+        return {name: "service_started" for name in value}
+    return {
+        name: spec.get("condition", "service_started") for name, spec in value.items()
+    }
+
+
+def volume_target(service: str, source: str) -> str:
+    """Where `service` mounts `source` (a named volume or a path from compose/)."""
+    for volume in SERVICES[service].get("volumes", []):
+        mount_source, target = volume.split(":")[:2]
+        if mount_source == source or (
+            source.startswith(".")
+            and (COMPOSE_DIR / mount_source).resolve()
+            == (COMPOSE_DIR / source).resolve()
+        ):
+            return target
+    raise AssertionError(f"{service} does not mount {source}")
+
+
+# -- Traefik routers, from Docker labels and the file provider -----------------------
+
+
+@dataclass(frozen=True)
+class Router:
+    name: str
+    rule: str
+    priority: int | None
+    entrypoints: tuple[str, ...]
+    tls: bool
+    middlewares: tuple[str, ...]
+    service: str
+    owner: str  # the compose service carrying the labels, or "file"
+
+    @property
+    def effective_priority(self) -> int:
+        # Traefik's default priority is the length of the rule.
+        return self.priority if self.priority is not None else len(self.rule)
+
+
+def labels(service: str) -> dict[str, str]:
+    value = SERVICES[service].get("labels") or {}
+    if isinstance(value, list):
+        value = dict(item.split("=", 1) for item in value)
+    return {key: str(item) for key, item in value.items()}
+
+
+def label_routers() -> Iterator[Router]:
+    for owner in SERVICES:
+        found = labels(owner)
+        if found.get("traefik.enable") != "true":
+            continue
+        names = {
+            key.split(".")[3]
+            for key in found
+            if key.startswith("traefik.http.routers.")
+        }
+        for name in sorted(names):
+            prefix = f"traefik.http.routers.{name}."
+            attributes = {
+                k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)
+            }
+            yield Router(
+                name=f"{name}@docker",
+                rule=attributes["rule"],
+                priority=int(attributes["priority"])
+                if "priority" in attributes
+                else None,
+                entrypoints=tuple(_split(attributes.get("entrypoints", ""))),
+                tls=attributes.get("tls") == "true",
+                middlewares=tuple(_split(attributes.get("middlewares", ""))),
+                service=attributes.get("service", ""),
+                owner=owner,
+            )
+
+
+def file_routers() -> Iterator[Router]:
+    for document in DYNAMIC.values():
+        for name, router in (
+            (document or {}).get("http", {}).get("routers") or {}
+        ).items():
+            yield Router(
+                name=f"{name}@file",
+                rule=router["rule"],
+                priority=router.get("priority"),
+                entrypoints=tuple(router.get("entryPoints", ())),
+                tls=router.get("tls") is not None,
+                middlewares=tuple(router.get("middlewares", ())),
+                service=router["service"],
+                owner="file",
+            )
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+ROUTERS = [*label_routers(), *file_routers()]
+
+
+def file_middlewares() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for document in DYNAMIC.values():
+        found.update((document or {}).get("http", {}).get("middlewares") or {})
+    return found
+
+
+def label_services() -> dict[str, tuple[str, int]]:
+    """Traefik service name -> (compose service, port), from the labels."""
+    found: dict[str, tuple[str, int]] = {}
+    pattern = re.compile(
+        r"traefik\.http\.services\.([^.]+)\.loadbalancer\.server\.port"
+    )
+    for owner in SERVICES:
+        for key, value in labels(owner).items():
+            if match := pattern.fullmatch(key):
+                assert match[1] not in found, f"{match[1]} is defined twice"
+                found[match[1]] = (owner, int(value))
+    return found
+
+
+Request = tuple[str, str, str]  # method, host, path
+Matcher = Callable[[Request], bool]
+_TOKEN = re.compile(r"\s*(?:(&&|\|\||!|\(|\))|([A-Za-z]+)\(((?:\s*`[^`]*`\s*,?)*)\))")
+_MATCHERS: dict[str, Callable[[str], Matcher]] = {
+    "Host": lambda value: lambda request: request[1].lower() == value.lower(),
+    "Method": lambda value: lambda request: request[0] == value.upper(),
+    "Path": lambda value: lambda request: request[2] == value,
+    "PathPrefix": lambda value: lambda request: request[2].startswith(value),
+}
+
+
+def parse_rule(rule: str) -> Matcher:
+    """Traefik v3 rule syntax: one value per matcher, &&, ||, ! and parentheses."""
+    tokens: list[tuple[str, str, list[str]]] = []
+    position = 0
+    while position < len(rule.rstrip()):
+        match = _TOKEN.match(rule, position)
+        assert match, f"cannot read the rule at {rule[position:]!r}"
+        operator, matcher, arguments = match.groups()
+        if operator:
+            tokens.append(("op", operator, []))
+        else:
+            values = re.findall(r"`([^`]*)`", arguments)
+            assert matcher in _MATCHERS, f"{matcher} is not a matcher this test knows"
+            assert len(values) == 1, f"Traefik v3 takes one value in {match[0]}"
+            tokens.append(("matcher", matcher, values))
+        position = match.end()
+
+    def expression(index: int) -> tuple[Matcher, int]:
+        left, index = conjunction(index)
+        while index < len(tokens) and tokens[index][1] == "||":
+            right, index = conjunction(index + 1)
+            left = (lambda a, b: lambda r: a(r) or b(r))(left, right)
+        return left, index
+
+    def conjunction(index: int) -> tuple[Matcher, int]:
+        left, index = factor(index)
+        while index < len(tokens) and tokens[index][1] == "&&":
+            right, index = factor(index + 1)
+            left = (lambda a, b: lambda r: a(r) and b(r))(left, right)
+        return left, index
+
+    def factor(index: int) -> tuple[Matcher, int]:
+        kind, value, values = tokens[index]
+        if kind == "matcher":
+            return _MATCHERS[value](values[0]), index + 1
+        if value == "!":
+            inner, index = factor(index + 1)
+            return (lambda a: lambda r: not a(r))(inner), index
+        assert value == "(", f"unexpected {value} in {rule}"
+        inner, index = expression(index + 1)
+        assert tokens[index][1] == ")", f"unbalanced parentheses in {rule}"
+        return inner, index + 1
+
+    matcher, end = expression(0)
+    assert end == len(tokens), f"trailing tokens in {rule}"
+    return matcher
+
+
+def route(method: str, host: str, path: str) -> str | None:
+    """The compose service (or Traefik internal service) that answers the request."""
+    request = (method, host, path)
+    matching = [r for r in ROUTERS if parse_rule(r.rule)(request)]
+    if not matching:
+        return None
+    best = max(r.effective_priority for r in matching)
+    winners = [r for r in matching if r.effective_priority == best]
+    assert len(winners) == 1, f"{request} ties between {[r.name for r in winners]}"
+    service = winners[0].service
+    return service if service.endswith("@internal") else label_services()[service][0]
+
+
+def rule_hosts(rule: str) -> set[str]:
+    return set(re.findall(r"Host\(`([^`]*)`\)", rule))
+
+
+# -- The stack's schema and secrets --------------------------------------------------
+
+
+def test_compose_file_is_valid_against_the_compose_specification() -> None:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+
+    errors = sorted(validator.iter_errors(COMPOSE), key=lambda e: list(e.path))
+
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_compose_refuses_to_start_while_any_secret_is_unset() -> None:
+    for name in REQUIRED:
+        env = {key: value for key, value in OPERATOR_ENV.items() if key != name}
+        with pytest.raises(MissingVariable, match=name):
+            interpolate(RAW_COMPOSE, env)
+        with pytest.raises(MissingVariable, match=name):
+            interpolate(RAW_COMPOSE, {**env, name: ""})
+
+
+def test_every_secret_in_the_stack_comes_from_a_required_variable() -> None:
+    for service, definition in RAW_COMPOSE["services"].items():
+        for key, value in raw_environment(service).items():
+            if SECRET_NAME.search(key):
+                assert REQUIRED_VARIABLE.match(value), f"{service} {key}={value}"
+            if "://" in value:
+                password = urlsplit(value).password
+                assert password is None or REQUIRED_VARIABLE.match(password), value
+        argv = definition.get("command") or []
+        if "--requirepass" in argv:
+            assert REQUIRED_VARIABLE.match(option(argv, "--requirepass"))
+
+
+def test_no_default_password_or_development_secret_is_written_in_the_stack() -> None:
+    values = [v for name in SERVICES for v in environment(name).values()]
+    passwords = {urlsplit(v).password for v in values if "://" in v} - {None}
+
+    assert not (set(values) | passwords) & (WELL_KNOWN_PASSWORDS - {""})
+    assert DEVELOPMENT_JWT_SECRET not in COMPOSE_FILE.read_text()
+
+
+def test_env_example_names_every_required_variable_and_gives_none_a_value() -> None:
+    example = {}
+    for line in (COMPOSE_DIR / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            example[key.strip()] = value.strip()
+
+    assert set(example) == REQUIRED
+    assert all(value == "" for value in example.values())
+
+
+def test_compose_environment_makes_valid_production_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in [key for key in os.environ if key.startswith("HELIX_")]:
+        monkeypatch.delenv(key)
+    for key, value in environment("command-api").items():
+        monkeypatch.setenv(key, value)
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+
+    assert settings.env == "production"
+    assert settings.jwt_secret.get_secret_value() == OPERATOR_ENV["HELIX_JWT_SECRET"]
+
+
+def test_database_url_reaches_the_postgres_service_with_its_credentials() -> None:
+    url = urlsplit(environment("command-api")["HELIX_DATABASE_URL"])
+    postgres = environment("postgres")
+
+    assert url.scheme == "postgresql+psycopg"
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert url.username == postgres["POSTGRES_USER"]
+    assert url.password == postgres["POSTGRES_PASSWORD"]
+    assert url.path == f"/{postgres['POSTGRES_DB']}"
+
+
+def test_rabbitmq_and_redis_urls_reach_their_services_with_their_credentials() -> None:
+    env = environment("command-api")
+    rabbitmq = urlsplit(env["HELIX_RABBITMQ_URL"])
+    redis = urlsplit(env["HELIX_REDIS_URL"])
+
+    assert (rabbitmq.scheme, rabbitmq.hostname, rabbitmq.port) == (
+        "amqp",
+        "rabbitmq",
+        5672,
+    )
+    assert rabbitmq.username == environment("rabbitmq")["RABBITMQ_DEFAULT_USER"]
+    assert rabbitmq.password == environment("rabbitmq")["RABBITMQ_DEFAULT_PASS"]
+    assert (redis.scheme, redis.hostname, redis.port) == ("redis", "redis", 6379)
+    assert redis.password == option(command("redis"), "--requirepass")
+
+
+# -- Services ------------------------------------------------------------------------
+
+
+def test_every_service_the_design_names_is_in_the_stack() -> None:
+    assert set(SERVICES) >= PROCESSES | INFRASTRUCTURE
+
+
+def test_every_process_runs_the_one_image_built_from_the_dockerfile() -> None:
+    images = {SERVICES[name].get("image") for name in IMAGE_SERVICES}
+    builds = {
+        json.dumps(SERVICES[name].get("build"), sort_keys=True)
+        for name in IMAGE_SERVICES
+    }
+    build = SERVICES["migrate"]["build"]
+
+    assert len(images) == 1 and None not in images
+    assert len(builds) == 1
+    assert (COMPOSE_DIR / build["context"]).resolve() == ROOT
+    assert (
+        COMPOSE_DIR / build["context"] / build["dockerfile"]
+    ).resolve() == ROOT / "Dockerfile"
+
+
+def test_every_process_gets_the_same_helix_environment() -> None:
+    first = environment("migrate")
+
+    assert all(environment(name) == first for name in PROCESSES)
+    assert first["HELIX_ENV"] == "production"
+    assert first["HELIX_DATABASE_URL"].startswith("postgresql+psycopg://")
+
+
+@pytest.mark.parametrize(
+    ("service", "expected"),
+    [
+        ("migrate", ["python", "-m", "command_api.setup"]),
+        ("command-api", ["uvicorn", "command_api.app:create_app", "--factory"]),
+        ("query-api", ["uvicorn", "query_api.app:create_app", "--factory"]),
+        ("projectors", ["python", "-m", "projectors"]),
+        ("worker", ["celery", "--app", "workers", "worker"]),
+        ("flower", ["celery", "--app", "workers", "flower"]),
+    ],
+)
+def test_each_process_runs_the_command_the_design_gives_it(
+    service: str, expected: list[str]
+) -> None:
+    assert command(service)[: len(expected)] == expected
+
+
+def module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def top_level_names(path: Path) -> dict[str, ast.AST]:
+    names: dict[str, ast.AST] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names[node.name] = node
+        elif isinstance(node, ast.Assign):
+            names.update({t.id: node for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            names.update({(a.asname or a.name).split(".")[0]: node for a in node.names})
+    return names
+
+
+def check_entry_point(argv: list[str]) -> None:
+    """Fail unless the module (and object) that `argv` starts exists in the repo."""
+    if argv[:2] == ["python", "-m"]:
+        module = argv[2]
+        path = module_file(module)
+        assert path, f"{module} is not in the repository"
+        if path.name == "__init__.py":
+            assert (path.parent / "__main__.py").is_file(), f"{module} has no __main__"
+        else:
+            assert "__main__" in path.read_text(), f"{module} does not run as a script"
+    elif argv[0] == "uvicorn":
+        module, attribute = argv[1].split(":")
+        path = module_file(module)
+        assert path, f"{module} is not in the repository"
+        factory = top_level_names(path).get(attribute)
+        assert isinstance(factory, ast.FunctionDef), f"{module} defines no {attribute}"
+        # --factory calls it with no arguments.
+        arguments = factory.args
+        assert len(arguments.defaults) == len(arguments.args)
+        assert all(default is not None for default in arguments.kw_defaults)
+    elif argv[0] == "celery":
+        module = option(argv, "--app", "-A")
+        path = module_file(module)
+        assert path, f"{module} is not in the repository"
+        assert top_level_names(path).keys() & {"app", "celery"}, f"{module} has no app"
+    else:
+        raise AssertionError(f"no check for {argv}")
+
+
+@pytest.mark.parametrize("service", sorted(PROCESSES))
+def test_module_each_process_starts_exists_in_the_repository(service: str) -> None:
+    check_entry_point(command(service))
+
+
+def test_worker_consumes_the_jobs_queue_the_settings_name() -> None:
+    queue = option(command("worker"), "--queues", "-Q")
+
+    assert queue == environment("worker")["HELIX_JOBS_QUEUE"]
+    assert queue == Settings.model_fields["jobs_queue"].default
+
+
+def test_apis_are_stateless_and_run_several_replicas() -> None:
+    for name in APIS:
+        service = SERVICES[name]
+        assert "container_name" not in service
+        assert "ports" not in service
+        assert not service.get("volumes")
+        assert service["deploy"]["replicas"] >= 2
+
+
+def test_only_traefik_publishes_ports_and_only_80_and_443() -> None:
+    published = {name for name, service in SERVICES.items() if service.get("ports")}
+
+    assert published == {"traefik"}
+    assert {port.split(":")[-1] for port in SERVICES["traefik"]["ports"]} == {
+        "80",
+        "443",
+    }
+
+
+def test_api_healthchecks_probe_the_health_route_on_the_port_uvicorn_serves() -> None:
+    for name in APIS:
+        port = option(command(name), "--port")
+        probe = " ".join(SERVICES[name]["healthcheck"]["test"])
+
+        assert f"127.0.0.1:{port}/health/" in probe
+
+
+def test_images_of_stores_and_tools_are_the_versions_chosen() -> None:
+    assert SERVICES["traefik"]["image"].startswith("traefik:v3")
+    assert SERVICES["postgres"]["image"].startswith("postgres:15")
+    assert re.fullmatch(r"rabbitmq:3\.1[23]-management", SERVICES["rabbitmq"]["image"])
+    assert SERVICES["redis"]["image"].startswith("redis:7")
+
+
+def test_stores_have_healthchecks_that_probe_them() -> None:
+    probes = {
+        name: " ".join(SERVICES[name]["healthcheck"]["test"])
+        for name in ("postgres", "rabbitmq", "redis")
+    }
+
+    assert "pg_isready" in probes["postgres"]
+    assert "rabbitmq-diagnostics" in probes["rabbitmq"]
+    assert "redis-cli ping" in probes["redis"]
+    assert volume_target("postgres", "postgres-data") == "/var/lib/postgresql/data"
+    # RabbitMQ keys its data directory by node name, so the host name must not drift.
+    assert SERVICES["rabbitmq"]["hostname"] == "rabbitmq"
+
+
+# -- Start order ---------------------------------------------------------------------
+
+
+def test_every_dependency_names_a_service_with_a_valid_condition() -> None:
+    for name in SERVICES:
+        for target, condition in depends_on(name).items():
+            assert target in SERVICES, f"{name} depends on unknown {target}"
+            assert condition in DEPENDENCY_CONDITIONS, f"{name}: {condition}"
+            if condition == "service_healthy":
+                assert "healthcheck" in SERVICES[target], f"{target} has no healthcheck"
+            if condition == "service_completed_successfully":
+                assert target in ONE_SHOTS
+                assert SERVICES[target].get("restart", "no") == "no"
+
+
+def test_every_process_waits_for_migrations_and_healthy_stores() -> None:
+    for name in PROCESSES - {"migrate"}:
+        assert depends_on(name)["migrate"] == "service_completed_successfully"
+        for store in ("postgres", "rabbitmq", "redis"):
+            assert depends_on(name)[store] == "service_healthy", f"{name} on {store}"
+
+
+def test_migrations_wait_for_a_healthy_postgres_and_run_once() -> None:
+    assert depends_on("migrate") == {"postgres": "service_healthy"}
+    assert SERVICES["migrate"].get("restart") == "no"
+
+
+def test_start_order_has_no_cycle() -> None:
+    done: set[str] = set()
+    pending = set(SERVICES)
+    while pending:
+        ready = {name for name in pending if set(depends_on(name)) <= done}
+        assert ready, f"dependency cycle among {sorted(pending)}"
+        done |= ready
+        pending -= ready
+
+
+def test_long_running_services_restart_and_one_shots_do_not() -> None:
+    for name, service in SERVICES.items():
+        expected = "no" if name in ONE_SHOTS else "unless-stopped"
+        assert service.get("restart") == expected, name
+
+
+def test_every_volume_network_and_secret_a_service_uses_is_declared() -> None:
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/", "$")):
+                assert source in COMPOSE["volumes"], f"{name}: volume {source}"
+            elif source.startswith("."):
+                path = (COMPOSE_DIR / source).resolve()
+                assert path.exists() or path.name == "certs", f"{name}: {source}"
+        for network in service.get("networks", []):
+            assert network in COMPOSE["networks"], f"{name}: network {network}"
+        for secret in service.get("secrets", []):
+            assert secret in COMPOSE["secrets"], f"{name}: secret {secret}"
+
+
+def test_postgres_and_redis_are_not_on_the_network_traefik_can_reach() -> None:
+    for name in ("postgres", "redis"):
+        assert "edge" not in SERVICES[name]["networks"]
+    assert SERVICES["traefik"]["networks"] == ["edge"]
+
+
+# -- Traefik -------------------------------------------------------------------------
+
+
+def test_http_is_redirected_to_the_https_entrypoint() -> None:
+    web = STATIC["entryPoints"]["web"]
+    websecure = STATIC["entryPoints"]["websecure"]
+
+    assert web["address"] == ":80"
+    assert web["http"]["redirections"]["entryPoint"] == {
+        "to": "websecure",
+        "scheme": "https",
+        "permanent": True,
+    }
+    assert websecure["address"] == ":443"
+    assert "tls" in websecure["http"]
+
+
+def test_traefik_reads_the_files_and_network_that_compose_gives_it() -> None:
+    providers = STATIC["providers"]
+
+    assert (
+        volume_target("traefik", "../traefik/traefik.yml") == "/etc/traefik/traefik.yml"
+    )
+    assert (
+        volume_target("traefik", "../traefik/dynamic") == providers["file"]["directory"]
+    )
+    assert providers["docker"]["exposedByDefault"] is False
+    assert providers["docker"]["network"] == COMPOSE["networks"]["edge"]["name"]
+    socket = providers["docker"]["endpoint"].removeprefix("unix://")
+    assert volume_target("traefik", "/var/run/docker.sock") == socket
+
+
+def test_traefik_dashboard_is_served_only_behind_basic_auth() -> None:
+    dashboards = [r for r in ROUTERS if r.service == "api@internal"]
+    middlewares = file_middlewares()
+
+    assert STATIC["api"].get("insecure", False) is False
+    assert dashboards
+    for router in dashboards:
+        assert any(
+            "basicAuth" in middlewares[m.split("@")[0]] for m in router.middlewares
+        )
+    ping = STATIC["entryPoints"][STATIC["ping"]["entryPoint"]]["address"]
+    assert ping.lstrip(":") not in {
+        p.split(":")[0] for p in SERVICES["traefik"]["ports"]
+    }
+
+
+def test_every_router_serves_https_only() -> None:
+    assert ROUTERS
+    for router in ROUTERS:
+        assert router.entrypoints == ("websecure",), router.name
+        assert router.tls, router.name
+
+
+def test_every_router_names_a_service_and_middlewares_that_exist() -> None:
+    services = label_services()
+    middlewares = file_middlewares()
+
+    for router in ROUTERS:
+        assert router.service in services or router.service == "api@internal"
+        if router.owner != "file":
+            assert services[router.service][0] == router.owner, router.name
+        for middleware in router.middlewares:
+            name, _, provider = middleware.partition("@")
+            assert provider in ("file", "") and name in middlewares, middleware
+    entry_middlewares = STATIC["entryPoints"]["websecure"]["http"]["middlewares"]
+    assert all(m.split("@")[0] in middlewares for m in entry_middlewares)
+
+
+def test_routers_sharing_a_host_have_explicit_priorities() -> None:
+    for host in HOSTS:
+        sharing = [r for r in ROUTERS if host in rule_hosts(r.rule)]
+        if len(sharing) > 1:
+            assert all(r.priority is not None for r in sharing), host
+
+
+@pytest.mark.parametrize(
+    ("method", "host", "path", "service"),
+    [
+        ("GET", "helix.local", "/api/v1/jobs/", "query-api"),
+        ("GET", "helix.local", "/api/v1/users/me", "query-api"),
+        ("HEAD", "helix.local", "/api/v1/jobs/42", "query-api"),
+        ("GET", "helix.local", "/api/v1/audit", "query-api"),
+        ("GET", "helix.local", "/docs", "query-api"),
+        ("GET", "helix.local", "/openapi.json", "query-api"),
+        ("GET", "helix.local", "/health/", "query-api"),
+        ("GET", "helix.local", "/metrics", "query-api"),
+        ("POST", "helix.local", "/api/v1/token", "command-api"),
+        ("POST", "helix.local", "/api/v1/users/", "command-api"),
+        ("POST", "helix.local", "/api/v1/jobs/", "command-api"),
+        ("POST", "helix.local", "/api/v1/jobs/42/cancel", "command-api"),
+        ("PATCH", "helix.local", "/api/v1/users/42", "command-api"),
+        ("DELETE", "helix.local", "/api/v1/users/42", "command-api"),
+        ("GET", "helix.local", "/commands/docs", "command-api"),
+        ("GET", "helix.local", "/commands/openapi.json", "command-api"),
+        ("GET", "flower.helix.local", "/", "flower"),
+        ("POST", "flower.helix.local", "/api/task/revoke/1", "flower"),
+        ("GET", "pgadmin.helix.local", "/", "pgadmin"),
+        ("POST", "pgadmin.helix.local", "/authenticate/login", "pgadmin"),
+        ("GET", "rabbitmq.helix.local", "/", "rabbitmq"),
+        ("GET", "traefik.helix.local", "/dashboard/", "api@internal"),
+    ],
+)
+def test_request_reaches_the_service_that_answers_it(
+    method: str, host: str, path: str, service: str
+) -> None:
+    assert route(method, host, path) == service
+
+
+def test_request_for_an_unknown_host_reaches_no_service() -> None:
+    assert route("GET", "example.com", "/") is None
+    assert route("POST", "helix.example", "/api/v1/token") is None
+
+
+def test_rabbitmq_host_reaches_the_management_ui_port() -> None:
+    assert label_services()["rabbitmq"] == ("rabbitmq", 15672)
+    assert label_services()["flower"][1] == int(option(command("flower"), "--port"))
+    for api in APIS:
+        assert label_services()[api][1] == int(option(command(api), "--port"))
+
+
+def test_operator_tools_and_metrics_ask_for_the_operators_password() -> None:
+    middleware = file_middlewares()["operators-auth"]["basicAuth"]
+    secret = SERVICES["traefik"]["secrets"][0]
+
+    for host, path in [("flower.helix.local", "/"), ("helix.local", "/metrics")]:
+        request = ("GET", host, path)
+        router = max(
+            (r for r in ROUTERS if parse_rule(r.rule)(request)),
+            key=lambda r: r.effective_priority,
+        )
+        assert any(m.startswith("operators-auth") for m in router.middlewares), host
+    assert middleware["usersFile"] == f"/run/secrets/{secret}"
+
+
+def test_traefik_serves_the_certificate_the_certificates_service_installs() -> None:
+    script = load_certificate_script()
+    default = DYNAMIC["tls.yml"]["tls"]["stores"]["default"]["defaultCertificate"]
+    mounted = volume_target("traefik", "certificates")
+    written = volume_target("certificates", "certificates")
+
+    assert default["certFile"] == f"{mounted}/{script.CERTIFICATE_NAME}"
+    assert default["keyFile"] == f"{mounted}/{script.KEY_NAME}"
+    assert option(command("certificates"), "--output") == written
+    provided = option(command("certificates"), "--provided")
+    assert provided == volume_target("certificates", "./certs")
+    assert depends_on("traefik") == {"certificates": "service_completed_successfully"}
+    assert (
+        DYNAMIC["tls.yml"]["tls"]["options"]["default"]["minVersion"] == "VersionTLS12"
+    )
+
+
+def test_certificate_covers_every_host_traefik_routes() -> None:
+    routed = set().union(*(rule_hosts(r.rule) for r in ROUTERS))
+    covered = set(environment("certificates")["HELIX_TLS_HOSTS"].split(","))
+
+    assert routed == HOSTS
+    assert routed <= covered
+
+
+def test_pgadmin_knows_the_stack_database() -> None:
+    servers = json.loads((COMPOSE_DIR / "pgadmin" / "servers.json").read_text())
+    (server,) = servers["Servers"].values()
+    postgres = environment("postgres")
+
+    assert (server["Host"], server["Port"]) == ("postgres", 5432)
+    assert server["Username"] == postgres["POSTGRES_USER"]
+    assert server["MaintenanceDB"] == postgres["POSTGRES_DB"]
+    assert (
+        volume_target("pgadmin", "./pgadmin/servers.json") == "/pgadmin4/servers.json"
+    )
+
+
+# -- The certificate the stack serves ------------------------------------------------
+
+
+def load_certificate_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "ensure_certificate", CERTIFICATE_SCRIPT
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tls() -> ModuleType:
+    return load_certificate_script()
+
+
+def read_certificate(path: Path) -> Any:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_self_signed_certificate_is_made_for_every_host_when_none_is_provided(
+    tls: ModuleType, tmp_path: Path
+) -> None:
+    outcome = tls.ensure_certificate(
+        provided=tmp_path / "none", output=tmp_path / "out", hosts=sorted(HOSTS)
+    )
+    certificate = read_certificate(tmp_path / "out" / tls.CERTIFICATE_NAME)
+
+    assert outcome == "generated"
+    assert tls.certificate_hosts(certificate) == HOSTS
+    assert ((tmp_path / "out" / tls.KEY_NAME).stat().st_mode & 0o777) == 0o600
+
+
+def test_self_signed_certificate_is_kept_across_restarts(
+    tls: ModuleType, tmp_path: Path
+) -> None:
+    arguments = {
+        "provided": tmp_path / "none",
+        "output": tmp_path,
+        "hosts": ["helix.local"],
+    }
+    tls.ensure_certificate(**arguments)
+    first = (tmp_path / tls.CERTIFICATE_NAME).read_bytes()
+
+    assert tls.ensure_certificate(**arguments) == "kept"
+    assert (tmp_path / tls.CERTIFICATE_NAME).read_bytes() == first
+
+
+def test_self_signed_certificate_is_remade_for_a_new_host_or_near_expiry(
+    tls: ModuleType, tmp_path: Path
+) -> None:
+    arguments = {"provided": tmp_path / "none", "output": tmp_path}
+    now = datetime.datetime.now(datetime.UTC)
+    tls.ensure_certificate(**arguments, hosts=["helix.local"], now=now)
+
+    added = tls.ensure_certificate(**arguments, hosts=["helix.local", "x.helix.local"])
+    late = now + datetime.timedelta(days=tls.SELF_SIGNED_DAYS - 10)
+    expiring = tls.ensure_certificate(**arguments, hosts=["helix.local"], now=late)
+
+    assert (added, expiring) == ("generated", "generated")
+
+
+def test_operator_certificate_wins_over_the_self_signed_one(
+    tls: ModuleType, tmp_path: Path
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    certificate_pem, key_pem = tls.self_signed(["helix.example.org"], now)
+    provided = tmp_path / "provided"
+    provided.mkdir()
+    (provided / tls.CERTIFICATE_NAME).write_bytes(certificate_pem)
+    (provided / tls.KEY_NAME).write_bytes(key_pem)
+    tls.ensure_certificate(provided=tmp_path / "none", output=tmp_path, hosts=["a.b"])
+
+    outcome = tls.ensure_certificate(provided=provided, output=tmp_path, hosts=["a.b"])
+
+    assert outcome == "provided"
+    assert (tmp_path / tls.CERTIFICATE_NAME).read_bytes() == certificate_pem
+    assert (tmp_path / tls.KEY_NAME).read_bytes() == key_pem
+
+
+def test_operator_pair_that_does_not_belong_together_is_refused(
+    tls: ModuleType, tmp_path: Path
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    provided = tmp_path / "provided"
+    provided.mkdir()
+    (provided / tls.CERTIFICATE_NAME).write_bytes(tls.self_signed(["a.b"], now)[0])
+    (provided / tls.KEY_NAME).write_bytes(tls.self_signed(["a.b"], now)[1])
+
+    with pytest.raises(tls.CertificateError, match="not the key"):
+        tls.ensure_certificate(
+            provided=provided, output=tmp_path / "out", hosts=["a.b"]
+        )
+    assert tls.main(["--provided", str(provided), "--output", str(tmp_path)]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_half_an_operator_pair_is_refused(tls: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / tls.CERTIFICATE_NAME).write_bytes(
+        tls.self_signed(["a.b"], datetime.datetime.now(datetime.UTC))[0]
+    )
+
+    with pytest.raises(tls.CertificateError, match="both"):
+        tls.ensure_certificate(
+            provided=tmp_path, output=tmp_path / "out", hosts=["a.b"]
+        )
+
+
+# -- The image -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+
+
+def dockerfile() -> list[Instruction]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    found = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            keyword, _, arguments = line.strip().partition(" ")
+            found.append(Instruction(keyword.upper(), arguments.strip()))
+    return found
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def installed_packages() -> list[str]:
+    include = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [pattern.rstrip("*") for pattern in include]
+
+
+def test_image_is_python_311_slim() -> None:
+    (base,) = [i.arguments for i in dockerfile() if i.keyword == "FROM"]
+
+    assert base == "python:3.11-slim"
+
+
+def test_image_installs_the_project_from_pyproject_then_drops_root() -> None:
+    instructions = dockerfile()
+    runs = [i.arguments for i in instructions if i.keyword == "RUN"]
+    users = [index for index, i in enumerate(instructions) if i.keyword == "USER"]
+    last_run = max(index for index, i in enumerate(instructions) if i.keyword == "RUN")
+
+    assert any("pyproject.toml" in run and "pip install" in run for run in runs)
+    assert any(re.search(r"pip install .*--editable \.$", run) for run in runs)
+    assert users and users[-1] > last_run
+    user = instructions[users[-1]].arguments.split(":")[0]
+    assert user not in {"root", "0"}
+    assert any(re.search(rf"useradd .*\b{user}$", run) for run in runs)
+
+
+def test_image_default_command_serves_an_installed_package() -> None:
+    (cmd,) = [i.arguments for i in dockerfile() if i.keyword == "CMD"]
+    argv = json.loads(cmd)
+
+    assert argv[0] == "uvicorn" and "--factory" in argv
+    assert argv[1].split(".")[0] in installed_packages()
+    check_entry_point(argv)
+    assert not [i for i in dockerfile() if i.keyword in ("ENTRYPOINT", "HEALTHCHECK")]
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Whether the build context leaves `path` out, by Docker's last-match-wins rule."""
+    excluded = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        regex = _glob_regex(pattern.lstrip("!").strip("/"))
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out, index = "", 0
+    while index < len(pattern):
+        if pattern.startswith("**/", index):
+            out, index = out + "(?:.*/)?", index + 3
+        elif pattern.startswith("**", index):
+            out, index = out + ".*", index + 2
+        elif pattern[index] == "*":
+            out, index = out + "[^/]*", index + 1
+        elif pattern[index] == "?":
+            out, index = out + "[^/]", index + 1
+        elif pattern[index] == "[":
+            end = pattern.index("]", index)
+            out, index = out + pattern[index : end + 1], end + 1
+        else:
+            out, index = out + re.escape(pattern[index]), index + 1
+    return re.compile(out)
+
+
+def test_build_context_holds_everything_the_image_installs_and_migrates() -> None:
+    needed = ["pyproject.toml", "README.md", "alembic.ini", "migrations/env.py"]
+    needed += [f"{package}/__init__.py" for package in installed_packages()]
+
+    assert [path for path in needed if dockerignore_excludes(path)] == []
+    assert (ROOT / "alembic.ini").is_file() and (
+        ROOT / "migrations" / "env.py"
+    ).is_file()
+
+
+def test_build_context_leaves_out_secrets_history_and_tests() -> None:
+    kept_out = [
+        ".env",
+        "compose/.env",
+        "compose/secrets/operators.htpasswd",
+        "compose/certs/tls.key",
+        ".git/config",
+        ".venv/bin/python",
+        "tests/conftest.py",
+        "shared/__pycache__/settings.cpython-311.pyc",
+        "shared/.env",
+    ]
+
+    assert [path for path in kept_out if not dockerignore_excludes(path)] == []
+
+
+def test_readme_explains_the_stack_and_every_host() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Docker Compose stack", 1)[1].split("\n## ", 1)[0]
+
+    for host in HOSTS:
+        assert f"127.0.0.1  {host}" in section or f"127.0.0.1 {host}" in section, host
+    assert "compose/.env" in section
