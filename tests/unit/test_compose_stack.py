@@ -9,7 +9,6 @@ schema (Apache-2.0) as Docker Compose v2.40.3 embeds it.
 """
 
 import ast
-import datetime
 import importlib.util
 import json
 import os
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from shared.settings import DEVELOPMENT_JWT_SECRET, WELL_KNOWN_PASSWORDS, Settings
 
@@ -432,6 +432,18 @@ def test_compose_environment_makes_valid_production_settings(
 
     assert settings.env == "production"
     assert settings.jwt_secret.get_secret_value() == OPERATOR_ENV["HELIX_JWT_SECRET"]
+
+
+def test_every_secret_setting_is_given_by_the_stack_not_left_at_its_default() -> None:
+    secrets = {
+        f"HELIX_{name.upper()}"
+        for name, field in Settings.model_fields.items()
+        if field.annotation is SecretStr
+    }
+
+    assert secrets
+    for name in PROCESSES:
+        assert secrets <= set(environment(name)), name
 
 
 def test_database_url_reaches_the_postgres_service_with_its_credentials() -> None:
@@ -856,9 +868,6 @@ def test_pgadmin_knows_the_stack_database() -> None:
     )
 
 
-# -- The certificate the stack serves ------------------------------------------------
-
-
 def load_certificate_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
         "ensure_certificate", CERTIFICATE_SCRIPT
@@ -867,105 +876,6 @@ def load_certificate_script() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def tls() -> ModuleType:
-    return load_certificate_script()
-
-
-def read_certificate(path: Path) -> Any:
-    from cryptography import x509
-
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def test_self_signed_certificate_is_made_for_every_host_when_none_is_provided(
-    tls: ModuleType, tmp_path: Path
-) -> None:
-    outcome = tls.ensure_certificate(
-        provided=tmp_path / "none", output=tmp_path / "out", hosts=sorted(HOSTS)
-    )
-    certificate = read_certificate(tmp_path / "out" / tls.CERTIFICATE_NAME)
-
-    assert outcome == "generated"
-    assert tls.certificate_hosts(certificate) == HOSTS
-    assert ((tmp_path / "out" / tls.KEY_NAME).stat().st_mode & 0o777) == 0o600
-
-
-def test_self_signed_certificate_is_kept_across_restarts(
-    tls: ModuleType, tmp_path: Path
-) -> None:
-    arguments = {
-        "provided": tmp_path / "none",
-        "output": tmp_path,
-        "hosts": ["helix.local"],
-    }
-    tls.ensure_certificate(**arguments)
-    first = (tmp_path / tls.CERTIFICATE_NAME).read_bytes()
-
-    assert tls.ensure_certificate(**arguments) == "kept"
-    assert (tmp_path / tls.CERTIFICATE_NAME).read_bytes() == first
-
-
-def test_self_signed_certificate_is_remade_for_a_new_host_or_near_expiry(
-    tls: ModuleType, tmp_path: Path
-) -> None:
-    arguments = {"provided": tmp_path / "none", "output": tmp_path}
-    now = datetime.datetime.now(datetime.UTC)
-    tls.ensure_certificate(**arguments, hosts=["helix.local"], now=now)
-
-    added = tls.ensure_certificate(**arguments, hosts=["helix.local", "x.helix.local"])
-    late = now + datetime.timedelta(days=tls.SELF_SIGNED_DAYS - 10)
-    expiring = tls.ensure_certificate(**arguments, hosts=["helix.local"], now=late)
-
-    assert (added, expiring) == ("generated", "generated")
-
-
-def test_operator_certificate_wins_over_the_self_signed_one(
-    tls: ModuleType, tmp_path: Path
-) -> None:
-    now = datetime.datetime.now(datetime.UTC)
-    certificate_pem, key_pem = tls.self_signed(["helix.example.org"], now)
-    provided = tmp_path / "provided"
-    provided.mkdir()
-    (provided / tls.CERTIFICATE_NAME).write_bytes(certificate_pem)
-    (provided / tls.KEY_NAME).write_bytes(key_pem)
-    tls.ensure_certificate(provided=tmp_path / "none", output=tmp_path, hosts=["a.b"])
-
-    outcome = tls.ensure_certificate(provided=provided, output=tmp_path, hosts=["a.b"])
-
-    assert outcome == "provided"
-    assert (tmp_path / tls.CERTIFICATE_NAME).read_bytes() == certificate_pem
-    assert (tmp_path / tls.KEY_NAME).read_bytes() == key_pem
-
-
-def test_operator_pair_that_does_not_belong_together_is_refused(
-    tls: ModuleType, tmp_path: Path
-) -> None:
-    now = datetime.datetime.now(datetime.UTC)
-    provided = tmp_path / "provided"
-    provided.mkdir()
-    (provided / tls.CERTIFICATE_NAME).write_bytes(tls.self_signed(["a.b"], now)[0])
-    (provided / tls.KEY_NAME).write_bytes(tls.self_signed(["a.b"], now)[1])
-
-    with pytest.raises(tls.CertificateError, match="not the key"):
-        tls.ensure_certificate(
-            provided=provided, output=tmp_path / "out", hosts=["a.b"]
-        )
-    assert tls.main(["--provided", str(provided), "--output", str(tmp_path)]) == 1
-    assert not (tmp_path / "out").exists()
-
-
-def test_half_an_operator_pair_is_refused(tls: ModuleType, tmp_path: Path) -> None:
-    (tmp_path / tls.CERTIFICATE_NAME).write_bytes(
-        tls.self_signed(["a.b"], datetime.datetime.now(datetime.UTC))[0]
-    )
-
-    with pytest.raises(tls.CertificateError, match="both"):
-        tls.ensure_certificate(
-            provided=tmp_path, output=tmp_path / "out", hosts=["a.b"]
-        )
 
 
 # -- The image -----------------------------------------------------------------------
