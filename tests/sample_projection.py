@@ -8,6 +8,17 @@ from collections.abc import Sequence
 
 from projectors.framework import Projection, ProjectionTx
 from shared.event_store import RecordedEvent
+from shared.events.registry import DomainEvent
+from tests.sample_events import sample_events
+
+
+class ThingNoted(DomainEvent):
+    """An event the sample projection does not handle unless a test says so."""
+
+    note: str
+
+
+sample_events.register(ThingNoted, "ThingNoted", version=1)
 
 
 def make_projection(name: str = "things") -> Projection:
