@@ -17,7 +17,10 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         pool_size=pool_size or settings.database_pool_size,
         max_overflow=0,
         pool_timeout=settings.database_connect_timeout_s * 2,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip on every checkout. A connection that
+        # died with the server is invalidated on first use and reported as
+        # StoreUnavailable, and the pool then reconnects.
+        pool_recycle=1800,
         connect_args={
             "connect_timeout": max(1, int(settings.database_connect_timeout_s)),
             "application_name": "helixnet-core",
@@ -37,13 +40,16 @@ def is_unavailable(exc: BaseException) -> bool:
     )
 
 
+_DRIVER_ERRORS = (sa_exc.DBAPIError, sa_exc.TimeoutError, psycopg.Error, OSError)
+
+
 @asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection in a transaction; connection failures become StoreUnavailable."""
     try:
         async with engine.begin() as connection:
             yield connection
-    except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError) as exc:
+    except _DRIVER_ERRORS as exc:
         if is_unavailable(exc):
             raise StoreUnavailable("PostgreSQL is unavailable") from exc
         raise
@@ -54,8 +60,24 @@ async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection outside any explicit transaction (for reads)."""
     try:
         async with engine.connect() as connection:
-            yield connection
-    except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError) as exc:
+            try:
+                yield connection
+            except psycopg.OperationalError:
+                # Raised by the driver directly, so the pool has not seen it.
+                await connection.invalidate()
+                raise
+    except _DRIVER_ERRORS as exc:
         if is_unavailable(exc):
             raise StoreUnavailable("PostgreSQL is unavailable") from exc
         raise
+
+
+async def driver_connection(connection: AsyncConnection) -> psycopg.AsyncConnection:
+    """The psycopg connection under `connection`, for hot paths that skip SQLAlchemy.
+
+    Statements run on it share the SQLAlchemy connection's transaction.
+    """
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    return driver

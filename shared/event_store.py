@@ -16,7 +16,6 @@ One implementation serves every caller: the services run it on asyncio, and the
 Celery worker runs the same coroutines on an event loop of its own.
 """
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,13 +23,14 @@ from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID, uuid4
 
+import psycopg
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import connect, transaction
+from shared.db import connect, driver_connection, is_unavailable
 from shared.errors import (
     DuplicateEventId,
+    StoreUnavailable,
     UnknownEventType,
     ValidationFailed,
     WrongExpectedVersion,
@@ -133,24 +133,38 @@ _COLUMNS = (
 )
 _HORIZON = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
 
-_CHECK_BEFORE_APPEND = """
-SELECT
-  (SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %(stream_id)s),
-  (SELECT coalesce(json_agg(json_build_array(stream_id, version, position)
-                            ORDER BY position), '[]'::json)
-     FROM events WHERE event_id = ANY(%(event_ids)s::uuid[]))
+# One round trip: read the stream's version and any already stored event ids, and
+# insert only when the version matches and none of the ids is stored yet. Two
+# writers racing past the version check collide on (stream_id, version).
+_APPEND = """
+WITH current AS (
+    SELECT coalesce(max(version), 0) AS version
+    FROM events WHERE stream_id = %(stream_id)s
+), stored AS (
+    SELECT json_agg(json_build_array(stream_id, version, position)
+                    ORDER BY position) AS rows
+    FROM events WHERE event_id = ANY(%(event_ids)s::uuid[])
+), inserted AS (
+    INSERT INTO events
+        (stream_id, category, version, event_id, type, schema_version, data, metadata)
+    SELECT %(stream_id)s, %(category)s, current.version + new.n, new.event_id,
+           new.type, new.schema_version, new.data, %(metadata)s::jsonb
+    FROM current, stored,
+         unnest(%(event_ids)s::uuid[], %(types)s::text[], %(schema_versions)s::int[],
+                %(data)s::jsonb[]) WITH ORDINALITY
+             AS new(event_id, type, schema_version, data, n)
+    WHERE stored.rows IS NULL
+      AND (%(expected_version)s::int IS NULL
+           OR current.version = %(expected_version)s::int)
+    ORDER BY new.n
+    RETURNING version, position
+)
+SELECT current.version, stored.rows,
+       (SELECT array_agg(position ORDER BY version) FROM inserted)
+FROM current, stored
 """
 
-_INSERT = """
-INSERT INTO events
-  (stream_id, category, version, event_id, type, schema_version, data, metadata)
-SELECT %(stream_id)s, %(category)s, v.version, v.event_id, v.type, v.schema_version,
-       v.data, %(metadata)s::jsonb
-FROM unnest(%(versions)s::int[], %(event_ids)s::uuid[], %(types)s::text[],
-            %(schema_versions)s::int[], %(data)s::jsonb[])
-     AS v(version, event_id, type, schema_version, data)
-RETURNING version, position
-"""
+ANY_VERSION_ATTEMPTS = 5
 
 
 class EventStore:
@@ -184,15 +198,21 @@ class EventStore:
         original positions, so a command retried after a lost answer is harmless.
         """
         params = self._encode(stream_id, events, metadata, event_ids)
+        params["expected_version"] = expected_version
         if connection is not None:
-            return await self._append(connection, params, expected_version)
-        try:
-            async with transaction(self.engine) as own:
-                return await self._append(own, params, expected_version)
-        except DuplicateEventId:
-            # A retry raced the original: now it has committed, this is a no-op.
-            async with transaction(self.engine) as own:
-                return await self._append(own, params, expected_version)
+            return await self._append(connection, params)
+        attempts = ANY_VERSION_ATTEMPTS if expected_version is None else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._append_in_own_transaction(params)
+            except DuplicateEventId:
+                # A retry raced the original: now that it committed, this is a no-op.
+                return await self._append_in_own_transaction(params)
+            except WrongExpectedVersion:
+                # Without an expected version a lost race just means "try again".
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def _encode(
         self,
@@ -210,7 +230,7 @@ class EventStore:
             event_type, event_data = self.events.encode(event)
             types.append(event_type.name)
             schema_versions.append(event_type.version)
-            data.append(json.dumps(event_data))
+            data.append(event_data)
         return {
             "stream_id": stream_id,
             "category": category_of(stream_id),
@@ -221,38 +241,44 @@ class EventStore:
             "metadata": metadata.model_dump_json(exclude_none=True),
         }
 
-    async def _append(
-        self,
-        connection: AsyncConnection,
-        params: dict[str, Any],
-        expected_version: int | None,
-    ) -> AppendResult:
-        stream_id = params["stream_id"]
-        result = await connection.exec_driver_sql(_CHECK_BEFORE_APPEND, params)
-        current_version, stored = result.one()
-        if stored:
-            return self._already_stored(stream_id, params, stored)
-        if expected_version is not None and expected_version != current_version:
-            raise WrongExpectedVersion(stream_id, expected_version, current_version)
+    async def _append_in_own_transaction(self, params: dict[str, Any]) -> AppendResult:
+        async with connect(self.engine) as connection:
+            driver = await driver_connection(connection)
+            async with driver.transaction():
+                return await self._insert(driver, params)
 
-        count = len(params["types"])
-        params["versions"] = list(
-            range(current_version + 1, current_version + 1 + count)
-        )
+    async def _append(
+        self, connection: AsyncConnection, params: dict[str, Any]
+    ) -> AppendResult:
         try:
-            result = await connection.exec_driver_sql(_INSERT, params)
-        except sa_exc.IntegrityError as exc:
-            constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", "")
+            return await self._insert(await driver_connection(connection), params)
+        except psycopg.OperationalError as exc:
+            if is_unavailable(exc):
+                raise StoreUnavailable("PostgreSQL is unavailable") from exc
+            raise
+
+    async def _insert(
+        self, driver: psycopg.AsyncConnection, params: dict[str, Any]
+    ) -> AppendResult:
+        stream_id, expected_version = params["stream_id"], params["expected_version"]
+        try:
+            cursor = await driver.execute(_APPEND, params)
+        except psycopg.errors.UniqueViolation as exc:
+            constraint = exc.diag.constraint_name
             if constraint == "events_stream_id_version_key":
-                raise WrongExpectedVersion(
-                    stream_id, expected_version, current_version + 1
-                ) from exc
+                raise WrongExpectedVersion(stream_id, expected_version, -1) from exc
             if constraint == "events_event_id_key":
                 raise DuplicateEventId("an event id was appended concurrently") from exc
             raise
-        positions = [position for _, position in sorted(result.all())]
+        row = await cursor.fetchone()
+        assert row is not None
+        current_version, stored, positions = row
 
-        return AppendResult(stream_id, current_version + count, positions)
+        if stored:
+            return self._already_stored(stream_id, params, stored)
+        if positions is None:
+            raise WrongExpectedVersion(stream_id, expected_version, current_version)
+        return AppendResult(stream_id, current_version + len(positions), positions)
 
     @staticmethod
     def _already_stored(
@@ -271,13 +297,20 @@ class EventStore:
             already_stored=True,
         )
 
-    async def stream_version(self, stream_id: str) -> int:
+    async def _fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         async with connect(self.engine) as connection:
-            result = await connection.exec_driver_sql(
-                "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %s",
-                (stream_id,),
-            )
-            return int(result.scalar_one())
+            driver = await driver_connection(connection)
+            cursor = await driver.execute(sql, params)
+            rows = await cursor.fetchall()
+            await driver.rollback()
+            return rows
+
+    async def stream_version(self, stream_id: str) -> int:
+        [(version,)] = await self._fetch(
+            "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = %s",
+            (stream_id,),
+        )
+        return int(version)
 
     async def read_stream(
         self, stream_id: str, *, from_version: int = 1, limit: int | None = None
@@ -289,9 +322,7 @@ class EventStore:
             " ORDER BY version LIMIT %(limit)s"
         )
         params = {"stream_id": stream_id, "from_version": from_version, "limit": limit}
-        async with connect(self.engine) as connection:
-            result = await connection.exec_driver_sql(sql, params)
-            return [self._recorded(row) for row in result.all()]
+        return [self._recorded(row) for row in await self._fetch(sql, params)]
 
     async def read_all(
         self,
@@ -331,9 +362,7 @@ class EventStore:
             f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(filters)}"
             f" ORDER BY transaction_id, position LIMIT {int(limit)}"
         )
-        async with connect(self.engine) as connection:
-            result = await connection.exec_driver_sql(sql, params)
-            return [self._recorded(row) for row in result.all()]
+        return [self._recorded(row) for row in await self._fetch(sql, params)]
 
     async def head(self) -> LogPosition:
         """The last event a reader of the log can see now (LOG_START if none)."""
@@ -341,9 +370,8 @@ class EventStore:
             "SELECT transaction_id::text::bigint, position FROM events"
             f" WHERE {_HORIZON} ORDER BY transaction_id DESC, position DESC LIMIT 1"
         )
-        async with connect(self.engine) as connection:
-            row = (await connection.exec_driver_sql(sql)).first()
-        return LogPosition(row[0], row[1]) if row else LOG_START
+        rows = await self._fetch(sql)
+        return LogPosition(*rows[0]) if rows else LOG_START
 
     async def locate(self, position: int) -> LogPosition | None:
         """Where global `position` lies in log order, or None if no such event."""
@@ -351,9 +379,8 @@ class EventStore:
             "SELECT transaction_id::text::bigint, position FROM events"
             " WHERE position = %s"
         )
-        async with connect(self.engine) as connection:
-            row = (await connection.exec_driver_sql(sql, (position,))).first()
-        return LogPosition(row[0], row[1]) if row else None
+        rows = await self._fetch(sql, (position,))
+        return LogPosition(*rows[0]) if rows else None
 
     def _recorded(self, row: Any) -> RecordedEvent:
         (

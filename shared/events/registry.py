@@ -111,19 +111,19 @@ class EventRegistry:
         except ValidationError as exc:
             raise InvalidEventData(name, str(exc)) from exc
 
-    def encode(self, event: DomainEvent) -> tuple[EventType, dict[str, Any]]:
-        """The registered type of `event` and its data as JSON-ready values.
+    def encode(self, event: DomainEvent) -> tuple[EventType, str]:
+        """The registered type of `event` and its data as a JSON document.
 
-        The data is validated again on the way out, so an instance built without
-        validation (`model_construct`) cannot put bad data into the log.
+        The JSON is validated against the model on the way out, so an instance
+        built without validation (`model_construct`) cannot put bad data in the log.
         """
         name = getattr(type(event), "event_type", type(event).__name__)
         event_type = self.get(name)
         if event_type.model is not type(event):
             raise UnknownEventType(name)
-        data = event.model_dump(mode="json", warnings=False)
+        data = event.model_dump_json(warnings=False)
         try:
-            event_type.model.model_validate(data)
+            event_type.model.model_validate_json(data)
         except ValidationError as exc:
             raise InvalidEventData(name, str(exc)) from exc
         return event_type, data

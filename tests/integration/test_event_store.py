@@ -43,6 +43,21 @@ def new_stream() -> str:
     return f"thing-{uuid.uuid4()}"
 
 
+async def wait_until_readable(store: EventStore, position: int) -> None:
+    """Wait for the read horizon to pass `position`.
+
+    Readers stop at the oldest transaction open anywhere in the cluster, and
+    other tests run against the same server, so this can take a moment.
+    """
+    target = await store.locate(position)
+    assert target is not None
+    for _ in range(600):
+        if await store.head() >= target:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"position {position} never became readable")
+
+
 async def test_appended_events_read_back_in_version_order_with_metadata(things):
     stream = new_stream()
     actor = uuid.uuid4()
@@ -303,12 +318,14 @@ async def test_the_database_refuses_to_change_stored_events(things, engine, stat
 async def test_old_schema_versions_are_upcast_when_read(things, engine):
     stream = new_stream()
     async with transaction(engine) as connection:
-        await connection.exec_driver_sql(
+        result = await connection.exec_driver_sql(
             "INSERT INTO events (stream_id, category, version, event_id, type,"
             " schema_version, data)"
-            " VALUES (%s, 'thing', 1, %s, 'ThingHappened', 1, %s)",
+            " VALUES (%s, 'thing', 1, %s, 'ThingHappened', 1, %s) RETURNING position",
             (stream, uuid.uuid4(), json.dumps({"name": "old", "count": 7})),
         )
+        position = result.scalar_one()
+    await wait_until_readable(things, position)
 
     [event] = await things.read_stream(stream)
     [from_log] = await things.read_all(categories=["thing"])
@@ -322,12 +339,13 @@ async def test_old_schema_versions_are_upcast_when_read(things, engine):
 async def test_read_all_pages_through_the_log_in_batches(things):
     streams = [new_stream() for _ in range(5)]
     for stream in streams:
-        await things.append(
+        result = await things.append(
             stream,
             [ThingHappened(name=str(i)) for i in range(5)],
             expected_version=NO_STREAM,
             metadata=META,
         )
+    await wait_until_readable(things, result.last_position)
 
     batches, after = [], LOG_START
     while batch := await things.read_all(after, limit=7):
@@ -348,12 +366,13 @@ async def test_read_all_filters_by_category_type_and_end(things):
     await things.append(
         new_stream(), [ThingHappened(name="a")], expected_version=None, metadata=META
     )
-    await things.append(
+    result = await things.append(
         f"other-{uuid.uuid4()}",
         [ThingRenamed(old_name="a", new_name="b")],
         expected_version=None,
         metadata=META,
     )
+    await wait_until_readable(things, result.last_position)
     everything = await things.read_all()
 
     assert [e.category for e in await things.read_all(categories=["other"])] == [
@@ -377,7 +396,7 @@ async def test_readers_wait_behind_a_transaction_that_is_still_open(things, engi
             metadata=META,
             connection=slow,
         )
-        await things.append(
+        fast = await things.append(
             stream_fast,
             [ThingHappened(name="fast")],
             expected_version=None,
@@ -388,6 +407,7 @@ async def test_readers_wait_behind_a_transaction_that_is_still_open(things, engi
         assert await things.read_all() == []
         assert await things.head() == LOG_START
 
+    await wait_until_readable(things, fast.last_position)
     seen = await things.read_all()
     assert [e.stream_id for e in seen] == [stream_slow, stream_fast]
 
