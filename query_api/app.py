@@ -5,7 +5,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from query_api import history_routes, user_routes
+from query_api import history_routes, job_routes, user_routes
+from query_api.job_waits import JobWaits
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.settings import Settings, get_settings
 from shared.web import (
@@ -22,7 +23,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with service_resources(app, settings):
-            yield
+            app.state.job_waits = JobWaits(settings.psycopg_dsn)
+            try:
+                yield
+            finally:
+                await app.state.job_waits.stop()
 
     app = FastAPI(title="HelixNet Core", version="1", lifespan=lifespan)
     app.add_middleware(RequestContextMiddleware)
@@ -30,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_health_route(app, _checks, settings.health_check_timeout_s)
     app.include_router(user_routes.router)
     app.include_router(history_routes.router)
+    app.include_router(job_routes.router)
     return app
 
 

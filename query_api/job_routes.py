@@ -1,0 +1,112 @@
+"""Job reads: the jobs projection (`job_statuses`)."""
+
+import asyncio
+import contextlib
+import time
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from query_api.dependencies import CurrentUser, Engine
+from query_api.job_waits import JobWaits
+from shared.auth import Principal
+from shared.db import connect
+from shared.errors import NotFound
+from shared.jobs.state import TERMINAL_STATUSES, JobStatus
+from shared.jobs.views import JobList, JobOut
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+MAX_PAGE = 500
+MAX_WAIT_S = 30.0
+# Waiters look again this often even without a wake-up (see job_waits).
+RECHECK_S = 1.0
+_COLUMNS = (
+    "id, task, status, result_data, message, progress, attempts, owner_id,"
+    " submitted_at, started_at, finished_at"
+)
+
+
+def _waits(request: Request) -> JobWaits:
+    waits: JobWaits = request.app.state.job_waits
+    return waits
+
+
+async def _read_job(engine: AsyncEngine, job_id: UUID) -> dict[str, Any] | None:
+    async with connect(engine) as connection:
+        result = await connection.exec_driver_sql(
+            f"SELECT {_COLUMNS} FROM job_statuses WHERE id = %(id)s", {"id": job_id}
+        )
+        row = result.mappings().one_or_none()
+    return dict(row) if row else None
+
+
+def _visible(row: dict[str, Any] | None, principal: Principal) -> bool:
+    return row is not None and principal.may_act_on(row["owner_id"])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def read_job(
+    job_id: UUID,
+    request: Request,
+    engine: Engine,
+    principal: CurrentUser,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
+) -> Any:
+    """A job (owner or superuser); `wait=S` answers once it finishes, or after S s."""
+    deadline = time.monotonic() + wait
+    row = await _read_job(engine, job_id)
+    if wait and (row is None or row["status"] not in TERMINAL_STATUSES):
+        # Watch before looking again, so a change in between still wakes us.
+        with _waits(request).watch(job_id) as woken:
+            while True:
+                row = await _read_job(engine, job_id)
+                remaining = deadline - time.monotonic()
+                done = row is not None and row["status"] in TERMINAL_STATUSES
+                if done or remaining <= 0 or (row and not _visible(row, principal)):
+                    break
+                woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_S))
+    if not _visible(row, principal):
+        raise NotFound("job not found")
+
+    return row
+
+
+@router.get("/", response_model=JobList)
+async def list_jobs(
+    engine: Engine,
+    principal: CurrentUser,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    status: Annotated[JobStatus | None, Query()] = None,
+    owner_id: Annotated[UUID | None, Query()] = None,
+) -> JobList:
+    """Your jobs, newest first; a superuser sees everyone's, or `owner_id`'s."""
+    if owner_id is not None and not principal.may_act_on(owner_id):
+        raise HTTPException(403, "only a superuser may list other users' jobs")
+    if not principal.is_superuser:
+        owner_id = principal.user_id
+    filters, params = [], {"offset": offset, "limit": limit}
+    if owner_id is not None:
+        filters.append("owner_id = %(owner_id)s")
+        params["owner_id"] = owner_id
+    if status is not None:
+        filters.append("status = %(status)s")
+        params["status"] = status
+    where = f"WHERE {' AND '.join(filters)}" if filters else ""
+    async with connect(engine) as connection:
+        total = await connection.exec_driver_sql(
+            f"SELECT count(*) FROM job_statuses {where}", params
+        )
+        rows = await connection.exec_driver_sql(
+            f"SELECT {_COLUMNS} FROM job_statuses {where}"
+            " ORDER BY submitted_at DESC, id DESC OFFSET %(offset)s LIMIT %(limit)s",
+            params,
+        )
+        items = [JobOut.model_validate(dict(row)) for row in rows.mappings()]
+
+    return JobList(items=items, total=total.scalar_one())
