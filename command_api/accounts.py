@@ -112,6 +112,17 @@ async def load_user(
     return state
 
 
+def _credentials(row: Any) -> Credentials:
+    return Credentials(
+        user_id=row.user_id,
+        password_hash=row.password_hash,
+        is_active=row.is_active,
+        is_superuser=row.is_superuser,
+        representation_version=row.representation_version,
+        erased=row.erased,
+    )
+
+
 _CREDENTIALS = """
 SELECT user_id, password_hash, is_active, is_superuser, representation_version,
        erased_at IS NOT NULL AS erased
@@ -131,7 +142,7 @@ async def lock_credentials(
         _CREDENTIALS + " FOR UPDATE", {"user_id": user_id}
     )
     row = result.one_or_none()
-    return None if row is None else Credentials(*row)
+    return None if row is None else _credentials(row)
 
 
 async def find_credentials_by_email(
@@ -139,13 +150,13 @@ async def find_credentials_by_email(
 ) -> Credentials | None:
     result = await connection.exec_driver_sql(
         "SELECT c.user_id, c.password_hash, c.is_active, c.is_superuser,"
-        " c.representation_version, c.erased_at IS NOT NULL"
+        " c.representation_version, c.erased_at IS NOT NULL AS erased"
         " FROM user_email_reservations r JOIN user_credentials c USING (user_id)"
         " WHERE r.email = %(email)s",
         {"email": email},
     )
     row = result.one_or_none()
-    return None if row is None else Credentials(*row)
+    return None if row is None else _credentials(row)
 
 
 async def insert_credentials(

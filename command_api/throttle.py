@@ -34,7 +34,9 @@ class SignInThrottle:
         key = self.key(email, client_address)
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                count, ttl = await pipe.get(key).ttl(key).execute()
+                pipe.get(key)
+                pipe.ttl(key)
+                count, ttl = await pipe.execute()
         except RedisError as exc:
             raise Unavailable("Redis is unavailable") from exc
         if count is None or int(count) < self.max_failures:
@@ -45,7 +47,8 @@ class SignInThrottle:
         key = self.key(email, client_address)
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(key, 0, ex=self.window_s, nx=True).incr(key)
+                pipe.set(key, 0, ex=self.window_s, nx=True)
+                pipe.incr(key)
                 await pipe.execute()
         except RedisError as exc:
             raise Unavailable("Redis is unavailable") from exc

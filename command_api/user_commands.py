@@ -174,12 +174,12 @@ async def update_user(
             if email != state.email:
                 await release_email(connection, user_id)
                 await reserve_email(connection, email, user_id)
-                event = UserEmailChanged(email=pii.encrypt(key, email))
-                decided.append((event, {"email": email}))
+                changed = UserEmailChanged(email=pii.encrypt(key, email))
+                decided.append((changed, {"email": email}))
         if changes.full_name_set and changes.full_name != state.full_name:
             full_name = changes.full_name
-            event = UserProfileUpdated(full_name=pii.encrypt_optional(key, full_name))
-            decided.append((event, {"full_name": full_name}))
+            renamed = UserProfileUpdated(full_name=pii.encrypt_optional(key, full_name))
+            decided.append((renamed, {"full_name": full_name}))
         if new_hash is not None:
             decided.append((UserPasswordChanged(), {}))
         standing = {
