@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from query_api.consistency import consistent_read
 from shared.auth import Principal, authenticate, bearer_scheme
 from shared.event_store import EventStore
 from shared.settings import Settings
@@ -39,13 +40,10 @@ async def _superuser(
     return principal
 
 
-async def _users_fresh() -> None:
-    """Read-your-writes on the users projection (see query_api/consistency.py)."""
-
-
 AppSettings = Annotated[Settings, Depends(_settings)]
 Engine = Annotated[AsyncEngine, Depends(_engine)]
 Store = Annotated[EventStore, Depends(_store)]
 CurrentUser = Annotated[Principal, Depends(_current_user)]
 Superuser = Annotated[Principal, Depends(_superuser)]
-UsersFresh = Annotated[None, Depends(_users_fresh)]
+# Read-your-writes on the users projection: waits for a sent Helix-Position.
+UsersFresh = Annotated[None, Depends(consistent_read("users"))]
