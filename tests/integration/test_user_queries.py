@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.framework import catch_up, ensure_created
 from projectors.projections.users import projection as users_projection
+from projectors.rebuild import rebuild, verify
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobSubmitted
 from shared.pii import ERASED
@@ -342,3 +343,37 @@ async def test_the_same_email_can_register_again_after_erasure(
 
     assert erased.status_code == 204
     assert again.status_code == 201 and again.json()["id"] != people.a["id"]
+
+
+async def test_a_fresh_rebuild_after_erasure_shows_the_user_erased(
+    client: httpx.AsyncClient, people: People, engine: AsyncEngine
+) -> None:
+    a, email = people.a["id"], people.a["email"]
+    admin = people.headers("superuser")
+    await client.delete(f"/api/v1/users/{a}?erase=true", headers=admin)
+    await project(engine)
+
+    result = await rebuild(engine, users_projection, store=EventStore(engine))
+
+    assert result.generation == 2
+    user = (await client.get(f"/api/v1/users/{a}", headers=admin)).json()
+    assert user["email"] == ERASED and user["full_name"] is None
+    async with engine.connect() as connection:
+        rows = await connection.exec_driver_sql(
+            "SELECT string_agg(p::text, ' ') FROM user_profiles p"
+        )
+        assert email not in rows.scalar_one()
+
+
+async def test_a_rebuild_reproduces_the_live_users_table_row_for_row(
+    client: httpx.AsyncClient, people: People, engine: AsyncEngine
+) -> None:
+    admin = people.headers("superuser")
+    a = people.a["id"]
+    await client.patch(f"/api/v1/users/{a}", json={"full_name": "R"}, headers=admin)
+    await client.patch(f"/api/v1/users/{a}", json={"is_superuser": True}, headers=admin)
+    await project(engine)
+
+    differences = await verify(engine, users_projection, store=EventStore(engine))
+
+    assert differences == []
