@@ -7,7 +7,10 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from command_api.user_commands import CommandContext, SignInRefused
+from command_api.user_commands import sign_in as sign_in_command
 from shared.auth import TEST_ARGON2, PasswordHasher
+from shared.event_store import EventStore
 from shared.settings import Settings
 from tests.user_api import (
     PASSWORD,
@@ -477,3 +480,38 @@ async def test_deleting_twice_changes_nothing_the_second_time(
             "SELECT count(*) FROM events WHERE type = 'UserDeleted'"
         )
         assert result.scalar_one() == 1
+
+
+class CountingHasher(PasswordHasher):
+    """The real hasher, counting the argon2 verifications it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(TEST_ARGON2)
+        self.verifications = 0
+
+    async def verify(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
+        self.verifications += 1
+        return await super().verify(password, stored_hash)
+
+
+@pytest.mark.parametrize(
+    "known_email", [True, False], ids=["wrong-password", "unknown"]
+)
+async def test_an_unknown_email_costs_one_verification_like_a_wrong_password(
+    client: httpx.AsyncClient, store: EventStore, known_email: bool
+) -> None:
+    email = unique_email()
+    if known_email:
+        await register(client, email)
+    hasher = CountingHasher()
+
+    with pytest.raises(SignInRefused):
+        await sign_in_command(
+            store=store,
+            hasher=hasher,
+            email=email,
+            password="not the password",
+            context=CommandContext(correlation_id=None),
+        )
+
+    assert hasher.verifications == 1
