@@ -212,7 +212,8 @@ async def update_user(
         }
         if new_hash is not None:
             columns["password_hash"] = new_hash
-        revoke = was_active and not state.is_active
+        # A new password ends the sessions of whoever knew the old one.
+        revoke = (was_active and not state.is_active) or new_hash is not None
         await update_credentials(connection, user_id, revoke_tokens=revoke, **columns)
 
     log.info("user updated", extra={"user_id": str(user_id), "events": len(decided)})

@@ -368,7 +368,7 @@ async def test_an_email_taken_by_another_user_is_409_on_patch(
     assert response.status_code == 409
 
 
-async def test_a_password_change_lets_the_new_password_in_and_the_old_one_not(
+async def test_a_password_change_lets_the_new_password_in_and_ends_old_tokens(
     client: httpx.AsyncClient,
 ) -> None:
     email = unique_email()
@@ -382,6 +382,8 @@ async def test_a_password_change_lets_the_new_password_in_and_the_old_one_not(
     )
 
     assert response.status_code == 200
+    old_token = await client.get("/api/v1/users/me", headers=bearer(token))
+    assert old_token.status_code == 401
     await sign_in(client, email, "a brand new one")
     old = await client.post(
         "/api/v1/token", data={"username": email, "password": PASSWORD}
