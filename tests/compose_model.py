@@ -26,6 +26,32 @@ HOSTS = {
     "traefik.helix.local",
 }
 
+# Who answers what: (method, host, path) -> compose service, or Traefik's own.
+EXPECTED_ROUTES: list[tuple[str, str, str, str]] = [
+    ("GET", "helix.local", "/api/v1/jobs/", "query-api"),
+    ("GET", "helix.local", "/api/v1/users/me", "query-api"),
+    ("HEAD", "helix.local", "/api/v1/jobs/42", "query-api"),
+    ("GET", "helix.local", "/api/v1/audit", "query-api"),
+    ("GET", "helix.local", "/docs", "query-api"),
+    ("GET", "helix.local", "/openapi.json", "query-api"),
+    ("GET", "helix.local", "/health/", "query-api"),
+    ("GET", "helix.local", "/metrics", "query-api"),
+    ("POST", "helix.local", "/api/v1/token", "command-api"),
+    ("POST", "helix.local", "/api/v1/users/", "command-api"),
+    ("POST", "helix.local", "/api/v1/jobs/", "command-api"),
+    ("POST", "helix.local", "/api/v1/jobs/42/cancel", "command-api"),
+    ("PATCH", "helix.local", "/api/v1/users/42", "command-api"),
+    ("DELETE", "helix.local", "/api/v1/users/42", "command-api"),
+    ("GET", "helix.local", "/commands/docs", "command-api"),
+    ("GET", "helix.local", "/commands/openapi.json", "command-api"),
+    ("GET", "flower.helix.local", "/", "flower"),
+    ("POST", "flower.helix.local", "/api/task/revoke/1", "flower"),
+    ("GET", "pgadmin.helix.local", "/", "pgadmin"),
+    ("POST", "pgadmin.helix.local", "/authenticate/login", "pgadmin"),
+    ("GET", "rabbitmq.helix.local", "/", "rabbitmq"),
+    ("GET", "traefik.helix.local", "/dashboard/", "api@internal"),
+]
+
 
 # -- Compose interpolation, as `docker compose` does it -----------------------------
 

@@ -73,12 +73,17 @@ def ensure_certificate(
 def self_signed(hosts: Sequence[str], now: datetime.datetime) -> tuple[bytes, bytes]:
     """A PEM certificate and key for `hosts`, the first one as its common name."""
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-    issuer = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ISSUER_NAME)])
+    # Issuer and subject are one name, or no client could take it as its own anchor.
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ISSUER_NAME),
+            x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+        ]
+    )
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))

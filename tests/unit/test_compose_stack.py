@@ -30,6 +30,7 @@ from tests.compose_model import (
     COMPOSE_DIR,
     COMPOSE_FILE,
     DYNAMIC,
+    EXPECTED_ROUTES,
     HOSTS,
     OPERATOR_ENV,
     RAW_COMPOSE,
@@ -477,30 +478,7 @@ def test_routers_sharing_a_host_have_explicit_priorities() -> None:
 
 @pytest.mark.parametrize(
     ("method", "host", "path", "service"),
-    [
-        ("GET", "helix.local", "/api/v1/jobs/", "query-api"),
-        ("GET", "helix.local", "/api/v1/users/me", "query-api"),
-        ("HEAD", "helix.local", "/api/v1/jobs/42", "query-api"),
-        ("GET", "helix.local", "/api/v1/audit", "query-api"),
-        ("GET", "helix.local", "/docs", "query-api"),
-        ("GET", "helix.local", "/openapi.json", "query-api"),
-        ("GET", "helix.local", "/health/", "query-api"),
-        ("GET", "helix.local", "/metrics", "query-api"),
-        ("POST", "helix.local", "/api/v1/token", "command-api"),
-        ("POST", "helix.local", "/api/v1/users/", "command-api"),
-        ("POST", "helix.local", "/api/v1/jobs/", "command-api"),
-        ("POST", "helix.local", "/api/v1/jobs/42/cancel", "command-api"),
-        ("PATCH", "helix.local", "/api/v1/users/42", "command-api"),
-        ("DELETE", "helix.local", "/api/v1/users/42", "command-api"),
-        ("GET", "helix.local", "/commands/docs", "command-api"),
-        ("GET", "helix.local", "/commands/openapi.json", "command-api"),
-        ("GET", "flower.helix.local", "/", "flower"),
-        ("POST", "flower.helix.local", "/api/task/revoke/1", "flower"),
-        ("GET", "pgadmin.helix.local", "/", "pgadmin"),
-        ("POST", "pgadmin.helix.local", "/authenticate/login", "pgadmin"),
-        ("GET", "rabbitmq.helix.local", "/", "rabbitmq"),
-        ("GET", "traefik.helix.local", "/dashboard/", "api@internal"),
-    ],
+    EXPECTED_ROUTES,
 )
 def test_request_reaches_the_service_that_answers_it(
     method: str, host: str, path: str, service: str

@@ -4,8 +4,12 @@ compose/tls/ensure_certificate.py runs in the `certificates` one-shot service be
 Traefik starts; these tests run it on temporary directories.
 """
 
+import contextlib
 import datetime
 import importlib.util
+import socket
+import ssl
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -123,3 +127,39 @@ def test_half_an_operator_pair_is_refused(tls: ModuleType, tmp_path: Path) -> No
         tls.ensure_certificate(
             provided=tmp_path, output=tmp_path / "out", hosts=["a.b"]
         )
+
+
+def test_client_that_trusts_the_self_signed_certificate_accepts_every_host(
+    tls: ModuleType, tmp_path: Path
+) -> None:
+    tls.ensure_certificate(
+        provided=tmp_path / "none", output=tmp_path, hosts=sorted(HOSTS)
+    )
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(
+        tmp_path / tls.CERTIFICATE_NAME, tmp_path / tls.KEY_NAME
+    )
+    client_context = ssl.create_default_context(cafile=tmp_path / tls.CERTIFICATE_NAME)
+    accepted = []
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            for _ in HOSTS:
+                # A refused handshake ends here; the client side reports it.
+                with contextlib.suppress(OSError):
+                    connection, _address = listener.accept()
+                    server_context.wrap_socket(connection, server_side=True).close()
+
+        server = threading.Thread(target=serve)
+        server.start()
+        for host in sorted(HOSTS):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                client_context.wrap_socket(raw, server_hostname=host) as secured,
+            ):
+                accepted.append(secured.getpeercert() is not None)
+        server.join(10)
+
+    assert accepted == [True] * len(HOSTS)
