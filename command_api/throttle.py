@@ -2,8 +2,12 @@
 
 The counts live in Redis, so every command API process shares them and a restart
 of one does not reset them. A window opens with the first failure and lasts
-`signin_failure_window_s`; after `signin_max_failures` failures in it, sign-ins
-for that email from that address are refused until it closes.
+`signin_failure_window_s`; once `signin_max_failures` attempts in it have failed,
+sign-ins for that email from that address are refused until it closes.
+
+Each attempt is counted before its password is verified and the count is cleared
+when it succeeds, so parallel guesses cannot slip past the limit between a check
+and an increment.
 """
 
 import hashlib
@@ -29,31 +33,22 @@ class SignInThrottle:
         digest = hashlib.sha256(f"{email}\n{client_address}".encode()).hexdigest()
         return KEY_PREFIX + digest
 
-    async def retry_after(self, email: str, client_address: str) -> int | None:
-        """Seconds until sign-in may be tried again, or None if it may now."""
-        key = self.key(email, client_address)
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(key)
-                pipe.ttl(key)
-                count, ttl = await pipe.execute()
-        except RedisError as exc:
-            raise Unavailable("Redis is unavailable") from exc
-        if count is None or int(count) < self.max_failures:
-            return None
-        return max(int(ttl), 1)
-
-    async def record_failure(self, email: str, client_address: str) -> None:
+    async def attempt(self, email: str, client_address: str) -> int | None:
+        """Count an attempt: None if it may go on, else seconds until it may."""
         key = self.key(email, client_address)
         try:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.set(key, 0, ex=self.window_s, nx=True)
                 pipe.incr(key)
-                await pipe.execute()
+                pipe.ttl(key)
+                _, attempts, ttl = await pipe.execute()
         except RedisError as exc:
             raise Unavailable("Redis is unavailable") from exc
+        if int(attempts) <= self.max_failures:
+            return None
+        return max(int(ttl), 1)
 
-    async def clear(self, email: str, client_address: str) -> None:
+    async def succeeded(self, email: str, client_address: str) -> None:
         try:
             await self.client.delete(self.key(email, client_address))
         except RedisError as exc:

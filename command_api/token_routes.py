@@ -39,7 +39,7 @@ async def issue_token(
     email = normalise_email(username)
     client_address = request.client.host if request.client else "unknown"
     throttle = SignInThrottle(redis, settings)
-    retry_after = await throttle.retry_after(email, client_address)
+    retry_after = await throttle.attempt(email, client_address)
     if retry_after is not None:
         raise HTTPException(
             429,
@@ -55,9 +55,8 @@ async def issue_token(
             store=store, hasher=hasher, email=email, password=password, context=context
         )
     except SignInRefused as exc:
-        await throttle.record_failure(email, client_address)
         raise HTTPException(401, str(exc), headers=UNAUTHORIZED_HEADERS) from None
-    await throttle.clear(email, client_address)
+    await throttle.succeeded(email, client_address)
 
     issued = create_access_token(settings, user_id)
     response.headers[POSITION_HEADER] = str(position)

@@ -216,6 +216,23 @@ async def test_sixth_failed_sign_in_from_one_address_is_429_with_retry_after(
     assert other_address.status_code == 200
 
 
+async def test_parallel_guesses_get_no_more_tries_than_the_limit(
+    settings: Settings,
+) -> None:
+    app_settings = settings_with_own_superuser(settings, signin_max_failures=5)
+    email = unique_email()
+    async with gateway_client(app_settings, ("10.4.4.4", 1)) as client:
+        await register(client, email)
+        wrong = {"username": email, "password": "wrong pass"}
+
+        responses = await asyncio.gather(
+            *(client.post("/api/v1/token", data=wrong) for _ in range(12))
+        )
+
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [401] * 5 + [429] * 7
+
+
 async def test_successful_sign_in_resets_the_failure_count(settings: Settings) -> None:
     app_settings = settings_with_own_superuser(settings, signin_max_failures=2)
     email = unique_email()
