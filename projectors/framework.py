@@ -375,8 +375,10 @@ async def catch_up(
     """
     if store is None:
         store = EventStore(engine, events) if events is not None else EventStore(engine)
-    if until is None:
-        until = await store.head()
+    # Never past the read horizon: moving the checkpoint to `until` claims that
+    # every event up to it was read.
+    head = await store.head()
+    until = head if until is None else min(until, head)
     if not projection.event_types:
         return await apply_batch(engine, projection, [], through=until)
     async with transaction(engine) as connection:

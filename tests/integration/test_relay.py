@@ -10,7 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.relay import Relay, parse_position
 from shared.checkpoints import RELAY, checkpoint
-from shared.event_store import NO_STREAM, EventMetadata, EventStore, LogPosition
+from shared.event_store import (
+    NO_STREAM,
+    EventMetadata,
+    EventStore,
+    LogPosition,
+    RecordedEvent,
+)
 from shared.settings import Settings
 from tests.broker import drain, rabbitmq_stopped, recording_queue
 from tests.sample_events import ThingHappened, ThingRenamed, sample_events
@@ -56,13 +62,23 @@ async def wait_for_checkpoint(engine: AsyncEngine, target: LogPosition) -> None:
             await asyncio.sleep(0.05)
 
 
+async def readable(store: EventStore, count: int) -> list[RecordedEvent]:
+    """The log once `count` events are below the (cluster-wide) read horizon."""
+    async with asyncio.timeout(30):
+        while True:
+            log = await store.read_all(limit=count)
+            if len(log) >= count:
+                return log
+            await asyncio.sleep(0.01)
+
+
 async def test_every_event_is_published_once_in_log_order(settings, engine, things):
     async with recording_queue(settings):
         await append_things(things, 20)
         relay = Relay(settings, engine, batch_size=7)
         async with running(relay):
             received = await drain(settings, 40)
-        log = await things.read_all(limit=100)
+        log = await readable(things, 40)
 
     envelopes = [envelope for envelope, _ in received]
     assert [e["event_id"] for e in envelopes] == [str(e.event_id) for e in log]
@@ -86,13 +102,13 @@ async def test_events_appended_while_rabbitmq_is_down_all_arrive(
         async with running(relay):
             await append_things(things, 5)
             await wait_for_checkpoint(
-                engine, (await things.read_all())[-1].log_position
+                engine, (await readable(things, 10))[-1].log_position
             )
             with rabbitmq_stopped():
                 await append_things(things, 10)
                 await asyncio.sleep(1)
                 stuck = await checkpoint(engine, RELAY)
-            log = await things.read_all(limit=100)
+            log = await readable(things, 30)
             await wait_for_checkpoint(engine, log[-1].log_position)
         received = await drain(settings, 30)
 

@@ -1,0 +1,66 @@
+"""Read-your-writes: answer a GET only once the projections it reads are fresh.
+
+Every command answer carries `Helix-Position`, the global position of the last
+event it appended. A GET that sends it back waits, up to
+`settings.read_your_writes_timeout_s`, until each projection the route reads has
+processed that position; past the bound it gets 503 with Retry-After, so a client
+never reads a table that does not yet show its own write:
+
+    @router.get("/users/{user_id}", dependencies=[Depends(consistent_read("users"))])
+"""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Header, HTTPException, Request
+
+from shared.checkpoints import wait_until_processed
+
+log = logging.getLogger(__name__)
+
+POSITION_HEADER = "Helix-Position"
+RETRY_AFTER_S = 1
+
+
+def consistent_read(*projections: str) -> Callable[..., Awaitable[None]]:
+    """A dependency that waits for `projections` to reach the request's position."""
+    if not projections:
+        raise ValueError("name at least one projection")
+
+    async def wait_for_projections(
+        request: Request,
+        helix_position: Annotated[
+            str | None,
+            Header(
+                alias=POSITION_HEADER,
+                description="Answer only once this position of the log is read.",
+            ),
+        ] = None,
+    ) -> None:
+        if helix_position is None:
+            return
+        text = helix_position.strip()
+        if not text.isdigit() or len(text) > 19 or int(text) < 1:
+            raise HTTPException(
+                422, f"{POSITION_HEADER} must be a positive integer (a log position)"
+            )
+        state = request.app.state
+        fresh = await wait_until_processed(
+            state.engine,
+            projections,
+            int(text),
+            timeout_s=state.settings.read_your_writes_timeout_s,
+        )
+        if not fresh:
+            log.warning(
+                "read-your-writes wait timed out",
+                extra={"position": int(text), "projections": list(projections)},
+            )
+            raise HTTPException(
+                503,
+                f"the read model has not yet caught up with position {text}",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    return wait_for_projections

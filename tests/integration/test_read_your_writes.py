@@ -1,0 +1,154 @@
+"""A GET with Helix-Position waits for the projections it reads, within a bound."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from projectors.framework import catch_up, ensure_created
+from query_api.consistency import consistent_read
+from shared.checkpoints import lags
+from shared.db import connect
+from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.settings import Settings
+from tests.sample_events import ThingHappened, sample_events
+from tests.sample_projection import ThingNoted, make_projection
+
+META = EventMetadata(source="tests")
+
+
+@pytest.fixture
+async def client(settings: Settings, engine) -> AsyncIterator[httpx.AsyncClient]:
+    app = FastAPI()
+    app.state.engine = engine
+    app.state.settings = settings.model_copy(update={"read_your_writes_timeout_s": 0.5})
+
+    @app.get("/things/count", dependencies=[Depends(consistent_read("things"))])
+    async def count_things() -> int:
+        async with connect(engine) as connection:
+            result = await connection.exec_driver_sql("SELECT count(*) FROM things")
+            return int(result.scalar_one())
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        yield client
+
+
+@pytest.fixture
+async def things(engine) -> EventStore:
+    await ensure_created(engine, [make_projection()])
+    return EventStore(engine, sample_events)
+
+
+async def add_thing(store: EventStore) -> int:
+    result = await store.append(
+        f"thing-{uuid.uuid4()}",
+        [ThingHappened(name="x")],
+        expected_version=NO_STREAM,
+        metadata=META,
+    )
+    return result.last_position
+
+
+async def project(engine, store: EventStore, position: int) -> None:
+    """Project up to `position`, waiting for the read horizon to pass it."""
+    target = await store.locate(position)
+    assert target is not None
+    while True:
+        if (
+            await catch_up(engine, make_projection(), store=store, until=target)
+            >= target
+        ):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_read_without_the_header_answers_at_once(client, things):
+    await add_thing(things)
+
+    response = await client.get("/things/count")
+
+    assert response.status_code == 200
+    assert response.json() == 0
+
+
+async def test_a_read_waits_until_the_projection_has_the_position(
+    client, engine, things
+):
+    position = await add_thing(things)
+
+    async def project_soon() -> None:
+        await asyncio.sleep(0.1)
+        await project(engine, things, position)
+
+    projecting = asyncio.create_task(project_soon())
+    response = await client.get(
+        "/things/count", headers={"Helix-Position": str(position)}
+    )
+    await projecting
+
+    assert response.status_code == 200
+    assert response.json() == 1
+
+
+async def test_a_read_past_the_bound_is_answered_503_with_retry_after(client, things):
+    position = await add_thing(things)
+
+    response = await client.get(
+        "/things/count", headers={"Helix-Position": str(position)}
+    )
+
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "caught up" in response.json()["detail"]
+
+
+async def test_a_position_of_an_event_the_projection_ignores_does_not_wait(
+    client, engine, things
+):
+    position = await add_thing(things)
+    await project(engine, things, position)
+    noted = await things.append(
+        f"note-{uuid.uuid4()}",
+        [ThingNoted(note="not for things")],
+        expected_version=NO_STREAM,
+        metadata=META,
+    )
+
+    response = await client.get(
+        "/things/count", headers={"Helix-Position": str(noted.last_position)}
+    )
+
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "0", "1.5", "9" * 30])
+async def test_a_malformed_position_is_refused(client, things, value):
+    response = await client.get("/things/count", headers={"Helix-Position": value})
+
+    assert response.status_code == 422
+
+
+async def test_lag_counts_only_the_events_a_projection_handles(engine, things):
+    first = await add_thing(things)
+    await project(engine, things, first)
+    await add_thing(things)
+    await things.append(
+        f"note-{uuid.uuid4()}",
+        [ThingNoted(note="ignored")],
+        expected_version=NO_STREAM,
+        metadata=META,
+    )
+    async with asyncio.timeout(30):
+        while True:
+            if len(await things.read_all()) == 3:
+                break
+            await asyncio.sleep(0.01)
+
+    (lag,) = await lags(engine, ["things"])
+
+    assert lag.events == 1
+    assert lag.seconds >= 0
