@@ -1,0 +1,131 @@
+"""The `helix` command: projection status, rebuild, verify, and reading events."""
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+from projectors import cli
+from projectors.framework import catch_up, ensure_created
+from shared.db import create_engine, transaction
+from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.settings import Settings
+from tests.sample_events import ThingHappened, ThingRenamed, sample_events
+from tests.sample_projection import make_projection
+
+META = EventMetadata(source="tests")
+runner = CliRunner()
+
+
+@pytest.fixture
+def helix(database_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("HELIX_DATABASE_URL", database_url)
+    monkeypatch.setattr(cli, "load_projections", lambda: [make_projection()])
+    monkeypatch.setattr(cli, "load_registry", lambda: sample_events)
+    return runner
+
+
+def given(database_url: str, sql: str | None = None, things: int = 5) -> list[str]:
+    """A log of `things` things, projected; then `sql` run against the database."""
+
+    async def setup() -> list[str]:
+        engine = create_engine(Settings(database_url=database_url), pool_size=4)
+        store = EventStore(engine, sample_events)
+        projection = make_projection()
+        await ensure_created(engine, [projection])
+        streams = []
+        for index in range(things):
+            stream = f"thing-{uuid.uuid4()}"
+            await store.append(
+                stream,
+                [ThingHappened(name=f"t{index}", size=index)],
+                expected_version=NO_STREAM,
+                metadata=META,
+            )
+            streams.append(stream)
+        await store.append(
+            streams[0],
+            [ThingRenamed(old_name="t0", new_name="first")],
+            expected_version=1,
+            metadata=META,
+        )
+        while True:  # until every event is below the cluster-wide read horizon
+            if len(await store.read_all()) == things + 1:
+                break
+            await asyncio.sleep(0.01)
+        await catch_up(engine, projection, store=store)
+        if sql:
+            async with transaction(engine) as connection:
+                await connection.exec_driver_sql(sql)
+        await engine.dispose()
+        return streams
+
+    return asyncio.run(setup())
+
+
+def test_status_shows_each_projection_checkpoint_and_lag(helix, database_url):
+    given(database_url)
+
+    result = helix.invoke(cli.app, ["projections", "status", "--json"])
+
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    (things,) = [row for row in status["checkpoints"] if row["name"] == "things"]
+    assert things["generation"] == 1
+    assert things["lag_events"] == 0
+    assert things["checkpoint"] == status["head"]
+
+
+def test_rebuild_swaps_in_a_new_generation_that_verifies(helix, database_url):
+    given(database_url)
+
+    rebuilt = helix.invoke(cli.app, ["projections", "rebuild", "things"])
+    verified = helix.invoke(cli.app, ["projections", "verify", "--all"])
+
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "generation 2 is live, 6 events applied" in rebuilt.output
+    assert verified.exit_code == 0, verified.output
+    assert "things: live tables match the log" in verified.output
+
+
+def test_verify_exits_non_zero_and_prints_a_tampered_row(helix, database_url):
+    given(database_url, "UPDATE things_g1 SET name = 'forged' WHERE size = 3")
+
+    result = helix.invoke(cli.app, ["projections", "verify", "things"])
+
+    assert result.exit_code == 1
+    assert "table things differs" in result.output
+    assert '"name": "forged"' in result.output
+    assert '"name": "t3"' in result.output
+
+
+def test_rebuild_of_an_unknown_projection_is_refused(helix, database_url):
+    result = helix.invoke(cli.app, ["projections", "rebuild", "nothing"])
+
+    assert result.exit_code == 2
+
+
+def test_events_tail_prints_the_last_events_as_json_lines(helix, database_url):
+    given(database_url)
+
+    result = helix.invoke(
+        cli.app, ["events", "tail", "--type", "ThingHappened", "--limit", "2", "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["data"]["name"] for line in lines] == ["t3", "t4"]
+
+
+def test_events_stream_prints_one_stream_in_version_order(helix, database_url):
+    streams = given(database_url)
+
+    result = helix.invoke(cli.app, ["events", "stream", streams[0]])
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    assert "v1 ThingHappened" in lines[0]
+    assert "v2 ThingRenamed" in lines[1]
