@@ -3,6 +3,11 @@
 These read the `events` table, not a projection, so they are never behind. Items
 are ordered by global position and paged with `after` / `next_after`. Personal
 data inside user events is decrypted with the user's key, or shown as erased.
+
+TODO: positions commit out of order, so a client that tails the audit by
+`next_after` can miss an event whose transaction was still open when it read the
+page before. Browsing history is unaffected; a gapless tail would page by
+(transaction_id, position) as the projectors do.
 """
 
 from datetime import datetime
