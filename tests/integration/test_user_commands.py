@@ -534,3 +534,21 @@ async def test_an_unknown_email_costs_one_verification_like_a_wrong_password(
         )
 
     assert hasher.verifications == 1
+
+
+async def test_sign_in_is_503_not_500_while_redis_is_unreachable(
+    settings: Settings,
+) -> None:
+    unreachable = settings_with_own_superuser(
+        settings, redis_url="redis://127.0.0.1:9/15"
+    )
+    email = unique_email()
+    async with gateway_client(unreachable) as client:
+        await register(client, email)
+
+        response = await client.post(
+            "/api/v1/token", data={"username": email, "password": PASSWORD}
+        )
+
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
