@@ -118,8 +118,19 @@ async def submit_job(
             metadata=metadata,
             connection=connection,
         )
+        # now() is the transaction's start: the recorded_at of the event.
+        submitted_at = (await connection.exec_driver_sql("SELECT now()")).scalar_one()
 
-    job = await load_job(store, job_id)
+    job = JobState(
+        id=job_id,
+        owner_id=principal.user_id,
+        task=event.task,
+        payload=event.payload,
+        max_retries=event.max_retries,
+        timeout_s=event.timeout_s,
+        submitted_at=submitted_at,
+        last_position=appended.last_position,
+    )
     log.info("job submitted", extra={"job_id": str(job_id), "task": event.task})
     return JobResult(job, appended.last_position)
 

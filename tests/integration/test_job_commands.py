@@ -39,6 +39,9 @@ async def test_submitting_a_job_answers_202_pending_with_location_and_position(
     events = await store.read_stream(job_stream(uuid.UUID(job["id"])))
     assert [e.type for e in events] == ["JobSubmitted"]
     assert int(response.headers["Helix-Position"]) == events[0].position
+    assert job["submitted_at"] == events[0].recorded_at.isoformat().replace(
+        "+00:00", "Z"
+    )
     assert events[0].data["max_retries"] == 3
     assert events[0].data["timeout_s"] == 300
     assert events[0].data["payload"] == {"a": 1}

@@ -1,0 +1,200 @@
+"""`make bench-jobs`: job latency and throughput, beside a bare Celery round trip.
+
+Starts the service (gateway, `python -m projectors`, a Celery worker) and, on the
+same RabbitMQ, a bare Celery worker with a no-op task and an rpc:// result backend.
+Then, in the same run:
+
+- latency: one client sends an `echo` job and waits for SUCCESS through the query
+  API (`GET /api/v1/jobs/{id}?wait=30` with the `Helix-Position` of the POST), one
+  job after another; beside it, the bare round trip (send the no-op, wait for its
+  result) one after another. p50 and p99 of each.
+- throughput: 16 concurrent clients submit 2,000 `echo` jobs between them; the
+  clock stops when the jobs projection shows all of them SUCCESS.
+
+Targets on a 2-core machine: p50 at most twice the bare round trip; 300 jobs/s or
+more, every job SUCCESS.
+"""
+
+import asyncio
+import statistics
+import sys
+import time
+import uuid
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from shared.jobs.messaging import celery_config
+from tests import databases
+from tests.benchmarks.bare_celery import BARE_TASK, bare_queue
+from tests.stack import ServiceStack, settings_for
+
+LATENCY_SAMPLES = 100
+WARM_UP = 30
+THROUGHPUT_JOBS = 2000
+CLIENTS = 16
+PASSWORD = "correct horse battery"
+WORKER_CONCURRENCY = 2
+# Jobs mostly wait on PostgreSQL, so more processes than cores pay off.
+JOB_WORKER_CONCURRENCY = 8
+
+
+class BenchStack(ServiceStack):
+    """The service, plus the bare Celery worker of the baseline."""
+
+    def command(self, name: str) -> list[str]:
+        if name == "bare":
+            return [
+                sys.executable,
+                *("-m", "celery", "-A", "tests.benchmarks.bare_celery", "worker"),
+                *("--queues", bare_queue(self.settings.jobs_queue)),
+                *("--concurrency", str(WORKER_CONCURRENCY), "--loglevel", "WARNING"),
+                "--without-gossip",
+                "--without-mingle",
+                *("--hostname", f"bare-{uuid.uuid4().hex[:6]}@%h"),
+            ]
+        command = super().command(name)
+        if name == "worker":
+            command[command.index("--loglevel") + 1] = "WARNING"
+            command[command.index("--concurrency") + 1] = str(JOB_WORKER_CONCURRENCY)
+        return command
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def bare_round_trips(stack: ServiceStack) -> list[float]:
+    from celery import Celery
+
+    app = Celery("bench-client", set_as_current=False)
+    config = celery_config(stack.settings)
+    config.pop("task_queues")
+    config.update(result_backend="rpc://", task_ignore_result=False)
+    app.conf.update(config)
+    queue = bare_queue(stack.settings.jobs_queue)
+    samples = []
+    for i in range(WARM_UP + LATENCY_SAMPLES):
+        started = time.perf_counter()
+        app.send_task(BARE_TASK, queue=queue).get(timeout=30)
+        if i >= WARM_UP:
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def sign_up(client: httpx.Client) -> dict[str, str]:
+    email = f"bench-{uuid.uuid4().hex[:12]}@example.com"
+    registered = client.post(
+        "/api/v1/users/", json={"email": email, "password": PASSWORD}
+    )
+    registered.raise_for_status()
+    token = client.post(
+        "/api/v1/token", data={"username": email, "password": PASSWORD}
+    ).json()["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def job_round_trips(client: httpx.Client, auth: dict[str, str]) -> list[float]:
+    samples = []
+    for i in range(WARM_UP + LATENCY_SAMPLES):
+        started = time.perf_counter()
+        submitted = client.post(
+            "/api/v1/jobs/", json={"task": "echo", "payload": {"i": i}}, headers=auth
+        )
+        submitted.raise_for_status()
+        job = client.get(
+            f"/api/v1/jobs/{submitted.json()['id']}",
+            params={"wait": 30},
+            headers={**auth, "Helix-Position": submitted.headers["Helix-Position"]},
+        ).json()
+        elapsed = time.perf_counter() - started
+        if job["status"] != "SUCCESS":
+            raise RuntimeError(f"job ended {job['status']}: {job}")
+        if i >= WARM_UP:
+            samples.append(elapsed)
+    return samples
+
+
+async def throughput(base_url: str, auth: dict[str, str]) -> tuple[float, int, int]:
+    """Seconds from the first POST until all jobs show SUCCESS, and the counts."""
+    per_client = THROUGHPUT_JOBS // CLIENTS
+    limits = httpx.Limits(max_connections=CLIENTS + 2)
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=auth, timeout=60, limits=limits
+    ) as client:
+        baseline = await _count(client, "SUCCESS")
+
+        async def submit_share(n: int) -> None:
+            for i in range(per_client):
+                response = await client.post(
+                    "/api/v1/jobs/", json={"task": "echo", "payload": {"c": n, "i": i}}
+                )
+                response.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(submit_share(n) for n in range(CLIENTS)))
+        submitted_s = time.perf_counter() - started
+        total = per_client * CLIENTS
+        while True:
+            done = await _count(client, "SUCCESS") - baseline
+            if done >= total or time.perf_counter() - started > 600:
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        failed = await _count(client, "FAILURE")
+    Console().print(f"  all {total} submitted after {submitted_s:.2f} s")
+    return elapsed, done, failed
+
+
+async def _count(client: httpx.AsyncClient, status: str) -> int:
+    response = await client.get("/api/v1/jobs/", params={"status": status, "limit": 1})
+    response.raise_for_status()
+    total: int = response.json()["total"]
+    return total
+
+
+def main() -> None:
+    console = Console()
+    template = databases.create_template("helix_bench_template")
+    name = databases.clone(template)
+    settings = settings_for(databases.database_url(name), log_level="WARNING")
+    stack = BenchStack(settings, processes=("api", "projectors", "worker", "bare"))
+    try:
+        stack.start()
+        with stack.client() as client:
+            auth = sign_up(client)
+            console.print("measuring the bare Celery round trip ...")
+            bare = bare_round_trips(stack)
+            console.print("measuring the job round trip ...")
+            jobs = job_round_trips(client, auth)
+        console.print(f"submitting {THROUGHPUT_JOBS} jobs from {CLIENTS} clients ...")
+        elapsed, done, failed = asyncio.run(throughput(stack.base_url, auth))
+    finally:
+        stack.stop()
+        databases.drop(name)
+        databases.drop(template)
+
+    table = Table(title=f"Job latency, {LATENCY_SAMPLES} sequential round trips")
+    for column in ("", "p50 ms", "p99 ms", "mean ms"):
+        table.add_column(column, justify="right")
+    for label, samples in (("bare Celery no-op", bare), ("echo job via API", jobs)):
+        table.add_row(
+            label,
+            f"{percentile(samples, 50) * 1000:.1f}",
+            f"{percentile(samples, 99) * 1000:.1f}",
+            f"{statistics.fmean(samples) * 1000:.1f}",
+        )
+    console.print(table)
+    ratio = percentile(jobs, 50) / percentile(bare, 50)
+    rate = done / elapsed
+    console.print(
+        f"p50 ratio job/bare: {ratio:.1f}x (target <= 2x)\n"
+        f"throughput: {done} SUCCESS of {THROUGHPUT_JOBS} ({failed} FAILURE)"
+        f" in {elapsed:.2f} s = {rate:.0f} jobs/s (target >= 300, all SUCCESS)"
+    )
+
+
+if __name__ == "__main__":
+    main()
