@@ -29,8 +29,10 @@ router = APIRouter(prefix="/api/v1", tags=["history"])
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 100
-# Only events below the oldest open transaction: a page never shows an event
-# whose transaction might still roll back.
+# The audit reads only below the oldest open transaction, as log readers do. One
+# stream's history needs no horizon: its versions commit in order (each append
+# names the version before it), so paging by position never passes a gap, and a
+# client sees its own command's events at once.
 _HORIZON = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
 _SELECT = (
     "SELECT position, stream_id, version, type, schema_version, data, metadata,"
@@ -72,9 +74,12 @@ async def _page(
     filters: list[str],
     params: dict[str, Any],
     limit: int,
+    *,
+    below_horizon: bool = False,
 ) -> HistoryPage:
+    conditions = [_HORIZON, *filters] if below_horizon else filters
     sql = (
-        f"{_SELECT} WHERE {' AND '.join([_HORIZON, *filters])}"
+        f"{_SELECT} WHERE {' AND '.join(conditions)}"
         f" ORDER BY position LIMIT {int(limit)}"
     )
     rows = list((await connection.exec_driver_sql(sql, params)).all())
@@ -188,4 +193,4 @@ async def audit(
         filters.append("recorded_at < %(until)s")
         params["until"] = until
     async with connect(engine) as connection:
-        return await _page(connection, filters, params, limit)
+        return await _page(connection, filters, params, limit, below_horizon=True)
