@@ -42,13 +42,33 @@ def is_unavailable(exc: BaseException) -> bool:
 
 _DRIVER_ERRORS = (sa_exc.DBAPIError, sa_exc.TimeoutError, psycopg.Error, OSError)
 
+# Key in Connection.info: async callables, given the psycopg connection, to run
+# once the transaction has committed.
+AFTER_COMMIT = "helix.after_commit"
+
 
 @asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection in a transaction; connection failures become StoreUnavailable."""
+    """A connection in a transaction; connection failures become StoreUnavailable.
+
+    Callables that code inside the transaction puts in
+    `connection.info[AFTER_COMMIT]` run after it commits, on the same connection
+    (the event store uses this to wake the log's tailers).
+    """
     try:
-        async with engine.begin() as connection:
-            yield connection
+        async with engine.connect() as connection:
+            # Connection.info outlives this checkout: start and end it empty.
+            connection.info.pop(AFTER_COMMIT, None)
+            try:
+                async with connection.begin():
+                    yield connection
+                after_commit = connection.info.pop(AFTER_COMMIT, [])
+                if after_commit:
+                    driver = await driver_connection(connection)
+                    for callback in after_commit:
+                        await callback(driver)
+            finally:
+                connection.info.pop(AFTER_COMMIT, None)
     except _DRIVER_ERRORS as exc:
         if is_unavailable(exc):
             raise StoreUnavailable("PostgreSQL is unavailable") from exc

@@ -27,7 +27,7 @@ import psycopg
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import connect, driver_connection, is_unavailable
+from shared.db import AFTER_COMMIT, connect, driver_connection, is_unavailable
 from shared.errors import (
     DuplicateEventId,
     StoreUnavailable,
@@ -36,9 +36,9 @@ from shared.errors import (
     WrongExpectedVersion,
 )
 from shared.events.registry import DomainEvent, EventRegistry, registry
+from shared.log_listener import notify_tailers
 
 STREAM_ID = re.compile(r"^(?P<category>[a-z][a-z0-9_]*)-(?P<id>[A-Za-z0-9_-]+)$")
-NOTIFY_CHANNEL = "helix_events"
 ANY_VERSION = None
 NO_STREAM = 0
 
@@ -200,18 +200,26 @@ class EventStore:
         params = self._encode(stream_id, events, metadata, event_ids)
         params["expected_version"] = expected_version
         if connection is not None:
-            return await self._append(connection, params)
+            result = await self._append(connection, params)
+            # shared.db.transaction() runs these once the caller's transaction
+            # has committed; until then there is nothing to wake tailers for.
+            callbacks = connection.info.setdefault(AFTER_COMMIT, [])
+            if notify_tailers not in callbacks:
+                callbacks.append(notify_tailers)
+            return result
         attempts = ANY_VERSION_ATTEMPTS if expected_version is None else 1
         for attempt in range(1, attempts + 1):
             try:
-                return await self._append_in_own_transaction(params)
+                result = await self._append_in_own_transaction(params)
             except DuplicateEventId:
                 # A retry raced the original: now that it committed, this is a no-op.
-                return await self._append_in_own_transaction(params)
+                result = await self._append_in_own_transaction(params)
             except WrongExpectedVersion:
                 # Without an expected version a lost race just means "try again".
                 if attempt == attempts:
                     raise
+                continue
+            return result
         raise AssertionError("unreachable")
 
     def _encode(
@@ -242,10 +250,17 @@ class EventStore:
         }
 
     async def _append_in_own_transaction(self, params: dict[str, Any]) -> AppendResult:
+        # The append is one statement, hence atomic on its own: running it in
+        # autocommit saves the BEGIN and COMMIT round trips.
         async with connect(self.engine) as connection:
             driver = await driver_connection(connection)
-            async with driver.transaction():
-                return await self._insert(driver, params)
+            await driver.set_autocommit(True)
+            try:
+                result = await self._insert(driver, params)
+                await notify_tailers(driver)
+                return result
+            finally:
+                await driver.set_autocommit(False)
 
     async def _append(
         self, connection: AsyncConnection, params: dict[str, Any]

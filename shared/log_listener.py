@@ -1,8 +1,10 @@
-"""Wake-ups for readers of the log, from PostgreSQL's LISTEN/NOTIFY.
+"""Wake-ups for readers of the log, over PostgreSQL's LISTEN/NOTIFY.
 
-A notification is only a hint: it can be lost while the listening connection is
-down, and it can arrive before the event is below the read horizon. Readers wait
-for a wake-up *or* a poll interval, whichever comes first, so they never depend on it.
+Appenders send a NOTIFY after their events commit (`notify_tailers`); tailers wait
+for one (`LogListener`). A notification is only a hint: it can be lost while the
+listening connection is down, and it can arrive before the event is below the read
+horizon. Readers wait for a wake-up *or* a poll interval, whichever comes first, so
+they never depend on it.
 """
 
 import asyncio
@@ -11,9 +13,26 @@ import logging
 
 import psycopg
 
-from shared.event_store import NOTIFY_CHANNEL
-
 log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "helix_events"
+
+
+async def notify_tailers(driver: psycopg.AsyncConnection) -> None:
+    """Wake the log's tailers, on a connection whose events have just committed.
+
+    The NOTIFY is sent after the appending transaction, not inside it: inside, it
+    would hold PostgreSQL's global notify lock through that transaction's commit,
+    and concurrent writers could no longer share a WAL flush. On its own it is a
+    transaction that writes nothing, so it does not wait for a flush either.
+    """
+    try:
+        await driver.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+        if not driver.autocommit:
+            await driver.commit()
+    except psycopg.Error as exc:
+        # Only a hint: tailers poll, so a lost wake-up costs latency, nothing else.
+        log.warning("could not notify tailers", extra={"error": str(exc)})
 
 
 class LogListener:

@@ -65,21 +65,10 @@ def upgrade() -> None:
         " FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change()"
     )
 
-    # A hint for tailers, sent at commit; they poll as well, in case one is lost.
-    op.execute(
-        """
-        CREATE FUNCTION events_notify() RETURNS trigger
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_notify('helix_events', '');
-            RETURN NULL;
-        END $$
-        """
-    )
-    op.execute(
-        "CREATE TRIGGER events_notify AFTER INSERT ON events"
-        " FOR EACH STATEMENT EXECUTE FUNCTION events_notify()"
-    )
+    # No NOTIFY trigger: a NOTIFY inside the appending transaction takes
+    # PostgreSQL's global notify lock until commit, which serialises every
+    # writer's commit. Appenders send the wake-up after commit instead
+    # (shared/log_listener.py, CommitNotifier).
 
     op.execute(
         """
@@ -96,5 +85,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TABLE checkpoints")
     op.execute("DROP TABLE events")
-    op.execute("DROP FUNCTION events_notify()")
     op.execute("DROP FUNCTION events_refuse_change()")

@@ -412,7 +412,7 @@ async def test_readers_wait_behind_a_transaction_that_is_still_open(things, engi
     assert [e.stream_id for e in seen] == [stream_slow, stream_fast]
 
 
-async def test_listener_is_woken_when_events_commit(things, settings):
+async def test_listener_is_woken_when_events_commit(things, settings, engine):
     listener = LogListener(settings.psycopg_dsn)
     await listener.start()
     try:
