@@ -83,7 +83,7 @@ class UserState:
         return UserOut(
             id=self.id,
             email=pii.ERASED if self.erased else self.email or "",
-            full_name=pii.ERASED if self.erased and self.full_name else self.full_name,
+            full_name=None if self.erased else self.full_name,
             is_active=self.is_active,
             is_superuser=self.is_superuser,
             created_at=self.created_at,

@@ -27,20 +27,26 @@ class UserPage(BaseModel):
     total: int
 
 
+def _user_out(row: Any, key: bytes | None) -> UserOut:
+    return UserOut(
+        id=row.id,
+        email=pii.decrypt(key, row.email) if key else pii.ERASED,
+        full_name=pii.decrypt(key, row.full_name) if key else None,
+        is_active=row.is_active,
+        is_superuser=row.is_superuser,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
 async def _present(connection: AsyncConnection, rows: list[Any]) -> list[UserOut]:
+    """Decrypt each row's PII; a user whose key is gone shows as erased.
+
+    The key goes in the delete's own transaction, so an erasure shows at once,
+    even before the projection has applied `UserDeleted`.
+    """
     keys = await pii.load_keys(connection, [row.id for row in rows if not row.erased])
-    return [
-        UserOut(
-            id=row.id,
-            email=pii.decrypt(keys.get(row.id), row.email) or pii.ERASED,
-            full_name=pii.decrypt(keys.get(row.id), row.full_name),
-            is_active=row.is_active,
-            is_superuser=row.is_superuser,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-        )
-        for row in rows
-    ]
+    return [_user_out(row, keys.get(row.id)) for row in rows]
 
 
 async def _one_user(
