@@ -6,9 +6,10 @@ import time
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from query_api.consistency import consistent_read
 from query_api.dependencies import CurrentUser, Engine
 from query_api.job_waits import JobWaits
 from shared.auth import Principal
@@ -18,6 +19,9 @@ from shared.jobs.state import TERMINAL_STATUSES, JobStatus
 from shared.jobs.views import JobList, JobOut
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+# Read-your-writes on the jobs projection: waits for a sent Helix-Position.
+JobsFresh = Annotated[None, Depends(consistent_read("jobs"))]
 
 MAX_PAGE = 500
 MAX_WAIT_S = 30.0
@@ -53,6 +57,7 @@ async def read_job(
     request: Request,
     engine: Engine,
     principal: CurrentUser,
+    fresh: JobsFresh,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
 ) -> Any:
     """A job (owner or superuser); `wait=S` answers once it finishes, or after S s."""
@@ -80,6 +85,7 @@ async def read_job(
 async def list_jobs(
     engine: Engine,
     principal: CurrentUser,
+    fresh: JobsFresh,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     status: Annotated[JobStatus | None, Query()] = None,
