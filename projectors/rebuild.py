@@ -109,6 +109,19 @@ async def _fill(
     """Apply everything after `checkpoint` up to `until` into a non-live target."""
     async with connect(engine) as connection:
         position = await read_checkpoint(connection, checkpoint) or LOG_START
+    if projection.set_based:
+        return await _fill_set_based(
+            engine,
+            projection,
+            tables or projection.generation_tables(generation or 0),
+            checkpoint,
+            position,
+            until,
+            progress,
+            done,
+            total,
+            batch_size,
+        )
     async for page in _pages(store, projection, position, until, batch_size):
         async with transaction(engine) as connection:
             position = await _apply_to(
@@ -118,6 +131,56 @@ async def _fill(
         if progress is not None:
             progress(done, max(total, done))
     return position, done
+
+
+_PAGE_END = """
+SELECT transaction_id::text::bigint, position, count(*) OVER () FROM (
+    SELECT transaction_id, position FROM events
+    WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+      AND type = ANY(%(types)s)
+      AND (transaction_id, position) > (%(xid)s::text::xid8, %(pos)s)
+      AND (%(uxid)s::text IS NULL
+           OR (transaction_id, position) <= (%(uxid)s::text::xid8, %(upos)s))
+    ORDER BY transaction_id, position LIMIT %(limit)s
+) page
+ORDER BY transaction_id DESC, position DESC LIMIT 1
+"""
+
+
+async def _fill_set_based(
+    engine: AsyncEngine,
+    projection: Projection,
+    tables: Mapping[str, str],
+    checkpoint: str,
+    position: LogPosition,
+    until: LogPosition | None,
+    progress: Progress | None,
+    done: int,
+    total: int,
+    batch_size: int,
+) -> tuple[LogPosition, int]:
+    """Like `_fill`, with SQL handlers reading the events where they are."""
+    while True:
+        async with transaction(engine) as connection:
+            current = await read_checkpoint(connection, checkpoint, for_update=True)
+            current = current or LOG_START
+            params = {
+                "types": projection.event_types,
+                "xid": str(current.transaction_id),
+                "pos": current.position,
+                "uxid": None if until is None else str(until.transaction_id),
+                "upos": None if until is None else until.position,
+                "limit": batch_size,
+            }
+            row = (await connection.exec_driver_sql(_PAGE_END, params)).first()
+            if row is None:
+                return current, done
+            page_end = LogPosition(row[0], row[1])
+            await projection.apply_range(connection, tables, current, page_end)
+            await save_checkpoint(connection, checkpoint, page_end)
+        done += int(row[2])
+        if progress is not None:
+            progress(done, max(total, done))
 
 
 async def _apply_to(

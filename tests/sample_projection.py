@@ -58,3 +58,40 @@ def make_projection(name: str = "things") -> Projection:
         )
 
     return projection
+
+
+def make_sql_projection(name: str = "things") -> Projection:
+    """The same read table as `make_projection`, built by SQL handlers."""
+    projection = Projection(
+        name=name,
+        tables={
+            "things": "stream_id text PRIMARY KEY, name text NOT NULL,"
+            " size integer NOT NULL, applied integer NOT NULL, last_position bigint"
+        },
+        indexes={"things": ["name"]},
+    )
+
+    @projection.handles_sql("ThingHappened")
+    def add_things(tx: ProjectionTx) -> str:
+        # Schema version 1 called the size "count".
+        return (
+            f"INSERT INTO {tx.table('things')} AS t"
+            " (stream_id, name, size, applied, last_position)"
+            " SELECT stream_id, data->>'name',"
+            " coalesce((data->>'size')::int, (data->>'count')::int, 0), 1, position"
+            f" FROM {tx.batch}"
+            " ON CONFLICT (stream_id) DO UPDATE SET name = excluded.name,"
+            " size = excluded.size, applied = t.applied + 1,"
+            " last_position = excluded.last_position"
+        )
+
+    @projection.handles_sql("ThingRenamed")
+    def rename_things(tx: ProjectionTx) -> str:
+        return (
+            f"UPDATE {tx.table('things')} AS t SET name = b.data->>'new_name',"
+            " applied = t.applied + 1, last_position = b.position"
+            f" FROM (SELECT DISTINCT ON (stream_id) * FROM {tx.batch}"
+            " ORDER BY stream_id, position DESC) b WHERE t.stream_id = b.stream_id"
+        )
+
+    return projection

@@ -32,7 +32,7 @@ from shared.event_store import (
 from shared.settings import Settings
 from tests.broker import delete_broker_objects
 from tests.sample_events import ThingHappened, ThingRenamed, sample_events
-from tests.sample_projection import ThingNoted, make_projection
+from tests.sample_projection import ThingNoted, make_projection, make_sql_projection
 
 META = EventMetadata(source="tests")
 
@@ -371,3 +371,29 @@ async def test_verify_catches_a_tampered_read_row(engine):
     assert await rows(
         engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%%verify%%'"
     ) == [(0,)]
+
+
+async def test_a_set_based_projection_rebuilds_to_the_rows_it_built_live(engine):
+    projection = make_sql_projection()
+    store = EventStore(engine, sample_events)
+    await ensure_created(engine, [projection])
+    streams = await append_things(store, 40)
+    for stream in streams[5:8]:
+        await store.append(
+            stream,
+            [ThingRenamed(old_name="x", new_name=f"renamed {stream}")],
+            expected_version=1,
+            metadata=META,
+        )
+    await append_things(store, 10)
+    await settled(store)
+    await catch_up(engine, projection, store=store, batch_size=9)
+    live = await rows(engine, "SELECT * FROM things ORDER BY stream_id")
+
+    result = await rebuild(engine, projection, store=store, batch_size=6)
+
+    assert projection.set_based
+    assert result.events == 53
+    assert await rows(engine, "SELECT * FROM things ORDER BY stream_id") == live
+    assert await rows(engine, "SELECT count(*), max(applied) FROM things") == [(50, 2)]
+    assert await verify(engine, projection, store=store, batch_size=4) == []
