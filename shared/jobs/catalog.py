@@ -231,13 +231,18 @@ def _payload_model(handler: Handler) -> type[BaseModel]:
 
 catalog = JobCatalog()
 job_task = catalog.task
-_loaded = threading.Lock()
+_loading = threading.Lock()
+_loaded = False
 
 
 def load_catalog() -> JobCatalog:
-    """The catalog with every module of `shared.jobs.tasks` imported."""
-    with _loaded:
+    """The catalog with every module of `shared.jobs.tasks` imported (once)."""
+    global _loaded
+    if _loaded:
+        return catalog
+    with _loading:
         package = importlib.import_module("shared.jobs.tasks")
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package.__name__}.{module.name}")
+        _loaded = True
     return catalog
