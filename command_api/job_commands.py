@@ -106,7 +106,8 @@ async def submit_job(
             claimed = await connection.exec_driver_sql(_CLAIM_KEY, key_params)
             if claimed.first() is None:
                 existing = await connection.exec_driver_sql(_EXISTING_KEY, key_params)
-                earlier_job_id, digest = existing.one()
+                row = existing.one()
+                earlier_job_id, digest = row.job_id, row.request_digest
                 if digest != key_params["digest"]:
                     raise IdempotencyKeyReused()
                 earlier = await load_job(store, earlier_job_id)

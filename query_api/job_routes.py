@@ -96,7 +96,8 @@ async def list_jobs(
         raise HTTPException(403, "only a superuser may list other users' jobs")
     if not principal.is_superuser:
         owner_id = principal.user_id
-    filters, params = [], {"offset": offset, "limit": limit}
+    filters: list[str] = []
+    params: dict[str, object] = {"offset": offset, "limit": limit}
     if owner_id is not None:
         filters.append("owner_id = %(owner_id)s")
         params["owner_id"] = owner_id

@@ -19,22 +19,22 @@ UNAVAILABLE_RETRY_S = 2.0
 app = celery_app(get_settings(), name="helixnet-workers")
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]
 def _configure_logging(**_: Any) -> None:
     configure_logging(get_settings())
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _open_runtime(**_: Any) -> None:
     current_runtime()
 
 
-@worker_process_shutdown.connect
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _close_runtime(**_: Any) -> None:
     close_runtime()
 
 
-@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def run_job(self: Task, job_id: str) -> str:
     """Run job `job_id` if it still needs running; every outcome is an event."""
     try:
@@ -45,7 +45,7 @@ def run_job(self: Task, job_id: str) -> str:
         raise self.retry(exc=exc, countdown=UNAVAILABLE_RETRY_S) from exc
 
 
-@app.task(name="helix.ping")
+@app.task(name="helix.ping")  # type: ignore[untyped-decorator]
 def ping() -> str:
     """A no-op, for health checks and for measuring a bare Celery round trip."""
     return "pong"

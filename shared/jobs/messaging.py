@@ -7,7 +7,7 @@ their Celery app here so that they agree on the broker, the queue and the option
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from shared.settings import Settings
 
@@ -22,7 +22,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The publisher waits for the broker's confirm: a sent task is stored.
         "broker_transport_options": {"confirm_publish": True},
         "task_default_queue": settings.jobs_queue,
-        "task_queues": [Queue(settings.jobs_queue, durable=True)],
+        "task_queues": [Queue(settings.jobs_queue, durable=True)],  # type: ignore[no-untyped-call]
         "task_routes": {RUN_JOB_TASK: {"queue": settings.jobs_queue}},
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -14,5 +14,6 @@ def retry_delay_s(
     """The wait before retry number `retry` (1 for the first retry)."""
     if retry < 1:
         raise ValueError("retries count from 1")
-    ceiling = min(cap_s, base_s * 2 ** (retry - 1))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    ceiling = min(cap_s, base_s * 2.0 ** (retry - 1))
+    jitter: float = (rng or random).uniform(0, ceiling / 2)
+    return ceiling / 2 + jitter

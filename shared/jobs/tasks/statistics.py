@@ -32,7 +32,11 @@ def aggregate(payload: AggregatePayload, context: JobContext) -> JobResult:
     else:
         stdev = 0.0
     # numpy's default method ("linear") interpolates between the closest ranks.
-    points = np.percentile(values, payload.percentiles) if payload.percentiles else []
+    points: list[float] = (
+        np.percentile(values, payload.percentiles).tolist()
+        if payload.percentiles
+        else []
+    )
     return {
         "count": count,
         "sum": total,
@@ -42,7 +46,7 @@ def aggregate(payload: AggregatePayload, context: JobContext) -> JobResult:
         "stdev": stdev,
         # Keys are the percentiles written as the client wrote them: 50 or 50.0.
         "percentiles": {
-            json.dumps(p): float(point)
+            json.dumps(p): point
             for p, point in zip(payload.percentiles, points, strict=True)
         },
     }
