@@ -36,6 +36,7 @@ from shared.errors import (
     WrongExpectedVersion,
 )
 from shared.events.registry import DomainEvent, EventRegistry, registry
+from shared.group_commit import GroupCommitter, Outcome
 from shared.log_listener import notify_tailers
 
 STREAM_ID = re.compile(r"^(?P<category>[a-z][a-z0-9_]*)-(?P<id>[A-Za-z0-9_-]+)$")
@@ -178,6 +179,12 @@ class EventStore:
     def __init__(self, engine: AsyncEngine, events: EventRegistry = registry) -> None:
         self.engine = engine
         self.events = events
+        self._group_commit = GroupCommitter(
+            engine,
+            single=self._append_in_own_transaction,
+            resolve=self._resolve,
+            after_commit=notify_tailers,
+        )
 
     async def append(
         self,
@@ -210,10 +217,10 @@ class EventStore:
         attempts = ANY_VERSION_ATTEMPTS if expected_version is None else 1
         for attempt in range(1, attempts + 1):
             try:
-                result = await self._append_in_own_transaction(params)
+                result = await self._group_commit.append(params)
             except DuplicateEventId:
                 # A retry raced the original: now that it committed, this is a no-op.
-                result = await self._append_in_own_transaction(params)
+                result = await self._group_commit.append(params)
             except WrongExpectedVersion:
                 # Without an expected version a lost race just means "try again".
                 if attempt == attempts:
@@ -277,7 +284,7 @@ class EventStore:
     ) -> AppendResult:
         stream_id, expected_version = params["stream_id"], params["expected_version"]
         try:
-            cursor = await driver.execute(_APPEND, params)
+            cursor = await driver.execute(_APPEND, params, prepare=False)
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name
             if constraint == "events_stream_id_version_key":
@@ -287,7 +294,11 @@ class EventStore:
             raise
         row = await cursor.fetchone()
         assert row is not None
-        current_version, stored, positions = row
+        return self._resolve(params, row)
+
+    def _resolve(self, params: dict[str, Any], outcome: Outcome) -> AppendResult:
+        stream_id, expected_version = params["stream_id"], params["expected_version"]
+        current_version, stored, positions = outcome
 
         if stored:
             return self._already_stored(stream_id, params, stored)

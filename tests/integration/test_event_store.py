@@ -432,3 +432,70 @@ async def test_listener_is_woken_when_events_commit(things, settings, engine):
 def test_log_positions_order_by_transaction_then_position():
     assert LogPosition(5, 100) < LogPosition(6, 1) < LogPosition(6, 2)
     assert LogPosition(1, 1) > LOG_START
+
+
+async def test_appends_committed_together_keep_their_own_outcomes(things):
+    behind, fresh, repeated = new_stream(), new_stream(), new_stream()
+    first, second = new_stream(), new_stream()
+    await things.append(
+        behind, [ThingHappened(name="a")], expected_version=NO_STREAM, metadata=META
+    )
+    stored_id = uuid.uuid4()
+    original = await things.append(
+        repeated,
+        [ThingHappened(name="r")],
+        expected_version=NO_STREAM,
+        metadata=META,
+        event_ids=[stored_id],
+    )
+    shared_id = uuid.uuid4()
+
+    outcomes = await asyncio.gather(
+        things.append(
+            behind, [ThingHappened(name="b")], expected_version=0, metadata=META
+        ),
+        things.append(
+            fresh,
+            [ThingHappened(name="f1"), ThingHappened(name="f2")],
+            expected_version=NO_STREAM,
+            metadata=META,
+        ),
+        things.append(
+            repeated,
+            [ThingHappened(name="r")],
+            expected_version=NO_STREAM,
+            metadata=META,
+            event_ids=[stored_id],
+        ),
+        things.append(
+            first,
+            [ThingHappened(name="x")],
+            expected_version=None,
+            metadata=META,
+            event_ids=[shared_id],
+        ),
+        things.append(
+            second,
+            [ThingHappened(name="y")],
+            expected_version=None,
+            metadata=META,
+            event_ids=[shared_id],
+        ),
+        return_exceptions=True,
+    )
+
+    conflict, created, again, *same_id = outcomes
+    assert isinstance(conflict, WrongExpectedVersion)
+    assert created.version == 2
+    assert [e.version for e in await things.read_stream(fresh)] == [1, 2]
+    assert again.already_stored and again.positions == original.positions
+    # One event id offered to two streams at once: exactly one stream gets it.
+    assert sorted(type(o).__name__ for o in same_id) == [
+        "AppendResult",
+        "DuplicateEventId",
+    ]
+    assert (
+        len(await things.read_stream(first)) + len(await things.read_stream(second))
+        == 1
+    )
+    assert [e.data["name"] for e in await things.read_stream(behind)] == ["a"]
