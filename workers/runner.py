@@ -14,6 +14,11 @@ own, and holds it until the job's outcome is appended:
   session ended with it and freed the lock), so this delivery takes over as a
   new attempt, or fails the job when no attempts are left.
 
+A handler that is done within QUICK_S (echo, a checksum) gets its JobStarted and
+its terminal event in one append, at the version the decision was made on: one
+commit instead of two, and still nobody else could have started the job. Any
+longer, and JobStarted is appended while the handler goes on running.
+
 While the handler runs in a thread, the runner watches the job stream for a
 cancel, enforces `timeout_s`, and appends JobProgressed at most twice a second.
 Exactly one terminal event ends the attempt, appended at the version the runner
@@ -70,6 +75,8 @@ STOP_GRACE_S = 0.5
 # A retry may be delivered a moment early (clocks, broker timers).
 EARLY_RETRY_TOLERANCE = timedelta(milliseconds=100)
 MAX_CONFLICTS = 20
+# A handler done within this long has its start and end appended together.
+QUICK_S = 0.05
 
 
 @dataclass
@@ -136,32 +143,75 @@ class JobRunner:
                     return "failed"
                 continue
             started = JobStarted(attempt=attempt, worker=self.worker_name)
-            version = await self._try_append(state, started)
-            if version is not None:
-                state = replace(
-                    state, version=version, status="STARTED", attempts=attempt
-                )
-                return await self._attempt(state, attempt)
+            outcome = await self._attempt(state, started)
+            if outcome is not None:
+                return outcome
         raise WrongExpectedVersion(stream, None, -1)
 
-    async def _attempt(self, state: JobState, attempt: int) -> Outcome:
+    async def _attempt(self, state: JobState, started: JobStarted) -> Outcome | None:
+        """Run one attempt; None if the stream moved before it could start."""
+        attempt = started.attempt
+        context = JobContext()
+        try:
+            task_type = self.catalog.get(state.task)
+        except UnknownTask as exc:
+            ending = _Ending(error=JobError(str(exc)))
+            return await self._finish_quick(state, started, ending)
+        future = asyncio.get_running_loop().run_in_executor(
+            self.executor, task_type.run, state.payload, context
+        )
+        done, _ = await asyncio.wait({future}, timeout=min(QUICK_S, state.timeout_s))
+        if done:
+            return await self._finish_quick(state, started, _ended(future))
+
+        version = await self._try_append(state, started)
+        if version is None:
+            # A cancel came in before the start was recorded: decide again.
+            context.stop("cancelled")
+            return None
+        state = replace(state, version=version, status="STARTED", attempts=attempt)
         log.info(
             "job started",
             extra={"job_id": str(state.id), "task": state.task, "attempt": attempt},
         )
-        ending, state = await self._execute(state)
+        ending, state = await self._watch(state, future, context)
         return await self._finish(state, attempt, ending)
 
-    async def _execute(self, state: JobState) -> tuple[_Ending, JobState]:
-        context = JobContext()
-        loop = asyncio.get_running_loop()
+    async def _finish_quick(
+        self, state: JobState, started: JobStarted, ending: _Ending
+    ) -> Outcome | None:
+        """Record a handler that ended at once: its start and end in one append.
+
+        Only this runner can append JobStarted while it holds the job's lock, so
+        the start is still recorded at the version the decision was made on; a
+        cancel appended meanwhile makes the append fail, the result is dropped,
+        and the job is decided again (it is then finished or cancelled).
+        """
+        running = replace(state, status="STARTED", attempts=started.attempt)
+        outcome, event = self._decide(running, started.attempt, ending)
         try:
-            task_type = self.catalog.get(state.task)
-        except UnknownTask as exc:
-            return _Ending(error=JobError(str(exc))), state
-        future = loop.run_in_executor(
-            self.executor, task_type.run, state.payload, context
+            version = await self._try_append(state, started, event)
+        except InvalidEventData as exc:
+            failed = JobFailed(
+                attempt=started.attempt, message=f"invalid result: {exc}"
+            )
+            outcome, version = "failed", await self._try_append(state, started, failed)
+        if version is None:
+            return None
+        log.info(
+            "job ran",
+            extra={
+                "job_id": str(state.id),
+                "attempt": started.attempt,
+                "outcome": outcome,
+            },
         )
+        return outcome
+
+    async def _watch(
+        self, state: JobState, future: "asyncio.Future[Any]", context: JobContext
+    ) -> tuple[_Ending, JobState]:
+        """Wait for a running handler: stop it on cancel or timeout, record progress."""
         ending = _Ending()
         deadline = time.monotonic() + state.timeout_s
         stop_deadline: float | None = None
@@ -192,10 +242,7 @@ class JobRunner:
                 await self._try_append(state, event)
 
         if future.done() and not (ending.cancelled or ending.timed_out):
-            try:
-                ending.result = future.result()
-            except Exception as exc:
-                ending.error = exc
+            ending = _ended(future)
 
         return ending, state
 
@@ -265,7 +312,7 @@ class JobRunner:
             state = state.apply(recorded)
         return state
 
-    async def _try_append(self, state: JobState, event: DomainEvent) -> int | None:
+    async def _try_append(self, state: JobState, *events: DomainEvent) -> int | None:
         """Append at the version in `state`: the new version, or None if the
         stream moved meanwhile."""
         metadata = EventMetadata(
@@ -276,7 +323,7 @@ class JobRunner:
         try:
             appended = await self.store.append(
                 job_stream(state.id),
-                [event],
+                list(events),
                 expected_version=state.version,
                 metadata=metadata,
             )
@@ -307,6 +354,13 @@ class JobRunner:
                         # to the pool.
                         await connection.invalidate()
                         raise
+
+
+def _ended(future: "asyncio.Future[Any]") -> _Ending:
+    try:
+        return _Ending(result=future.result())
+    except Exception as exc:
+        return _Ending(error=exc)
 
 
 def _message(error: BaseException | None) -> str:
