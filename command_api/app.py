@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 
 from command_api import job_routes, token_routes, user_routes
 from shared.health import Check, postgres_check, redis_check
+from shared.metrics import MetricsMiddleware, add_metrics_route
 from shared.settings import Settings, get_settings
 from shared.web import (
     BodySizeLimitMiddleware,
@@ -35,9 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/commands/openapi.json",
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(MetricsMiddleware, app_name="command_api")
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     add_health_route(app, _checks, settings.health_check_timeout_s)
+    add_metrics_route(app)
     app.include_router(token_routes.router)
     app.include_router(user_routes.router)
     app.include_router(job_routes.router)

@@ -7,7 +7,14 @@ from fastapi import FastAPI, Request
 
 from query_api import history_routes, job_routes, user_routes
 from query_api.job_waits import JobWaits
+from shared.checkpoints import lags
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
+from shared.metrics import (
+    CONSUMER_LAG_EVENTS,
+    CONSUMER_LAG_SECONDS,
+    MetricsMiddleware,
+    add_metrics_route,
+)
 from shared.settings import Settings, get_settings
 from shared.web import (
     RequestContextMiddleware,
@@ -30,13 +37,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.job_waits.stop()
 
     app = FastAPI(title="HelixNet Core", version="1", lifespan=lifespan)
+    app.add_middleware(MetricsMiddleware, app_name="query_api")
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     add_health_route(app, _checks, settings.health_check_timeout_s)
+    add_metrics_route(app, _refresh_lag)
     app.include_router(user_routes.router)
     app.include_router(history_routes.router)
     app.include_router(job_routes.router)
     return app
+
+
+async def _refresh_lag(request: Request) -> None:
+    for lag in await lags(request.app.state.engine):
+        CONSUMER_LAG_EVENTS.labels(lag.name).set(lag.events)
+        CONSUMER_LAG_SECONDS.labels(lag.name).set(lag.seconds)
 
 
 def _checks(request: Request) -> dict[str, Check]:

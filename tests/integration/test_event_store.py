@@ -29,6 +29,7 @@ from shared.event_store import (
 from shared.events.registry import DomainEvent
 from shared.log_listener import LogListener
 from shared.settings import Settings
+from tests.horizon import wait_until_readable
 from tests.sample_events import ThingHappened, ThingRenamed, sample_events
 
 META = EventMetadata(source="tests", correlation_id="req-1")
@@ -41,21 +42,6 @@ def things(engine: AsyncEngine) -> EventStore:
 
 def new_stream() -> str:
     return f"thing-{uuid.uuid4()}"
-
-
-async def wait_until_readable(store: EventStore, position: int) -> None:
-    """Wait for the read horizon to pass `position`.
-
-    Readers stop at the oldest transaction open anywhere in the cluster, and
-    other tests run against the same server, so this can take a moment.
-    """
-    target = await store.locate(position)
-    assert target is not None
-    for _ in range(600):
-        if await store.head() >= target:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"position {position} never became readable")
 
 
 async def test_appended_events_read_back_in_version_order_with_metadata(things):

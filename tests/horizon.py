@@ -1,0 +1,20 @@
+"""Waiting for the log's read horizon in tests."""
+
+import asyncio
+
+from shared.event_store import EventStore
+
+
+async def wait_until_readable(store: EventStore, position: int) -> None:
+    """Wait for the read horizon to pass `position`.
+
+    Readers stop at the oldest transaction open anywhere in the cluster, and
+    other tests run against the same server, so this can take a moment.
+    """
+    target = await store.locate(position)
+    assert target is not None
+    for _ in range(600):
+        if await store.head() >= target:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"position {position} never became readable")
