@@ -4,8 +4,10 @@ The dispatcher sends the task by name, so it never imports the worker; both buil
 their Celery app here so that they agree on the broker, the queue and the options.
 """
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aio_pika
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
@@ -46,3 +48,21 @@ def celery_app(settings: Settings, name: str = "helixnet") -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+def worker_check(settings: Settings) -> Callable[[], Awaitable[None]]:
+    """A health check: some worker consumes the jobs queue (a passive declare)."""
+
+    async def check() -> None:
+        connection = await aio_pika.connect(settings.rabbitmq_url, timeout=2)
+        async with connection:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(settings.jobs_queue, passive=True)
+            except aio_pika.exceptions.ChannelClosed as exc:
+                raise RuntimeError(f"no queue {settings.jobs_queue}") from exc
+            result = queue.declaration_result
+            if not result.consumer_count:
+                raise RuntimeError(f"no worker consumes {settings.jobs_queue}")
+
+    return check
