@@ -174,7 +174,13 @@ class JobRunner:
             "job started",
             extra={"job_id": str(state.id), "task": state.task, "attempt": attempt},
         )
-        ending, state = await self._watch(state, future, context)
+        try:
+            ending, state = await self._watch(state, future, context)
+        except BaseException:
+            # The store went away mid-run: this delivery will be tried again, so
+            # the handler must not go on running beside the next attempt.
+            context.stop("the worker lost its connection to the store")
+            raise
         return await self._finish(state, attempt, ending)
 
     async def _finish_quick(
