@@ -57,6 +57,10 @@ class Dispatcher:
         self.sender = ThreadPoolExecutor(1, thread_name_prefix="dispatch")
         self.consuming = asyncio.Event()
         self.dispatched = 0
+        # The checkpoint as this process last read or wrote it. Another process
+        # can only have moved it further, so a stale value sends a task twice at
+        # worst; it saves a read per batch on the way to the worker.
+        self._position: LogPosition | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         backoff_s = 0.1
@@ -125,7 +129,7 @@ class Dispatcher:
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Send the tasks of a batch of delivered events past the checkpoint."""
-        current = await checkpoint(self.engine, CHECKPOINT)
+        current = self._position or await checkpoint(self.engine, CHECKPOINT)
         tasks: dict[LogPosition, dict[str, Any]] = {}
         for message in messages:
             try:
@@ -166,6 +170,7 @@ class Dispatcher:
             current = await checkpoint_in(connection)
             if position > current:
                 await save_checkpoint(connection, CHECKPOINT, position)
+            self._position = max(position, current)
 
     async def _send(self, tasks: list[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()

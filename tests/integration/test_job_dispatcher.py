@@ -1,0 +1,109 @@
+"""The job dispatcher against real PostgreSQL and RabbitMQ, with no worker."""
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import pytest
+
+from projectors.dispatcher import Dispatcher
+from projectors.relay import declare_exchange, routing_key
+from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.events.job import JobRetryScheduled, JobStarted, JobSubmitted
+from shared.jobs.messaging import RUN_JOB_TASK
+from shared.jobs.state import job_stream
+
+META = EventMetadata(source="tests")
+
+
+async def submit(store: EventStore) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    event = JobSubmitted(
+        owner_id=uuid.uuid4(), task="echo", payload={}, max_retries=3, timeout_s=60
+    )
+    await store.append(
+        job_stream(job_id), [event], expected_version=NO_STREAM, metadata=META
+    )
+    return job_id
+
+
+@pytest.fixture
+async def tasks(settings):
+    """The Celery messages that reach the jobs queue: (headers, args)."""
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(settings.jobs_queue, durable=True)
+    received: asyncio.Queue = asyncio.Queue()
+
+    async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with message.process():
+            args, _, _ = json.loads(message.body)
+            received.put_nowait((message.headers, args))
+
+    await queue.consume(collect)
+    yield received
+    await queue.delete(if_unused=False, if_empty=False)
+    await connection.close()
+
+
+@pytest.fixture
+async def dispatcher(settings, engine):
+    stopping = asyncio.Event()
+    dispatcher = Dispatcher(settings, engine)
+    running = asyncio.create_task(dispatcher.run(stopping))
+    await asyncio.wait_for(dispatcher.consuming.wait(), 30)
+    yield dispatcher
+    stopping.set()
+    await asyncio.wait_for(running, 30)
+
+
+async def test_a_job_submitted_before_the_dispatcher_started_is_dispatched(
+    store, settings, engine, tasks
+):
+    job_id = await submit(store)
+    # Readable in the log before the dispatcher starts (no broker message for it).
+    last = (await store.read_stream(job_stream(job_id)))[-1]
+    for _ in range(600):
+        if await store.head() >= last.log_position:
+            break
+        await asyncio.sleep(0.05)
+
+    stopping = asyncio.Event()
+    running = asyncio.create_task(Dispatcher(settings, engine).run(stopping))
+    headers, args = await asyncio.wait_for(tasks.get(), 30)
+    stopping.set()
+    await asyncio.wait_for(running, 30)
+
+    assert headers["task"] == RUN_JOB_TASK
+    assert args == [str(job_id)]
+
+
+async def test_a_published_retry_is_dispatched_with_its_eta(
+    store, settings, tasks, dispatcher
+):
+    job_id = await submit(store)
+    await asyncio.wait_for(tasks.get(), 30)
+    retry_at = datetime.now(UTC) + timedelta(seconds=30)
+    retry = JobRetryScheduled(attempt=1, message="later", delay_s=30, retry_at=retry_at)
+    await store.append(
+        job_stream(job_id),
+        [JobStarted(attempt=1, worker="w/1"), retry],
+        expected_version=1,
+        metadata=META,
+    )
+    recorded = (await store.read_stream(job_stream(job_id)))[-1]
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await declare_exchange(channel, settings.events_exchange)
+        await exchange.publish(
+            aio_pika.Message(json.dumps(recorded.envelope()).encode()),
+            routing_key(recorded),
+        )
+
+    headers, args = await asyncio.wait_for(tasks.get(), 30)
+
+    assert args == [str(job_id)]
+    assert datetime.fromisoformat(headers["eta"]) == retry_at
