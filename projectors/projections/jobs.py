@@ -60,38 +60,44 @@ async def _update(
     *,
     notify: bool = True,
 ) -> None:
-    job_id = _job_id(event)
-    await tx.connection.exec_driver_sql(
+    update = (
         f"UPDATE {tx.table('job_statuses')}"
         f" SET {assignments}, version = %(version)s, updated_at = %(recorded_at)s"
-        " WHERE id = %(id)s AND version < %(version)s",
-        {
-            **(values or {}),
-            "id": job_id,
-            "version": event.version,
-            "recorded_at": event.recorded_at,
-        },
+        " WHERE id = %(id)s AND version < %(version)s"
     )
     if notify:
-        await _notify(tx, job_id)
-
-
-async def _notify(tx: ProjectionTx, job_id: UUID) -> None:
+        update = _NOTIFY_CHANGED.format(change=update + " RETURNING id")
     await tx.connection.exec_driver_sql(
-        "SELECT pg_notify(%s, %s)", (JOBS_CHANNEL, str(job_id))
+        update,
+        {
+            **(values or {}),
+            "id": _job_id(event),
+            "version": event.version,
+            "recorded_at": event.recorded_at,
+            "channel": JOBS_CHANNEL,
+        },
     )
+
+
+# Sent at commit, and only for a row the statement changed.
+_NOTIFY_CHANGED = (
+    "WITH changed AS ({change}) SELECT pg_notify(%(channel)s, id::text) FROM changed"
+)
 
 
 @projection.handles("JobSubmitted")
 async def add_job(tx: ProjectionTx, event: RecordedEvent) -> None:
     data = event.data
-    await tx.connection.exec_driver_sql(
+    insert = (
         f"INSERT INTO {tx.table('job_statuses')}"
         " (id, owner_id, task, status, max_retries, timeout_s, submitted_at,"
         " version, updated_at)"
         " VALUES (%(id)s, %(owner_id)s, %(task)s, 'PENDING', %(max_retries)s,"
         " %(timeout_s)s, %(recorded_at)s, %(version)s, %(recorded_at)s)"
-        " ON CONFLICT (id) DO NOTHING",
+        " ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
+    await tx.connection.exec_driver_sql(
+        _NOTIFY_CHANGED.format(change=insert),
         {
             "id": _job_id(event),
             "owner_id": data["owner_id"],
@@ -100,9 +106,9 @@ async def add_job(tx: ProjectionTx, event: RecordedEvent) -> None:
             "timeout_s": data["timeout_s"],
             "recorded_at": event.recorded_at,
             "version": event.version,
+            "channel": JOBS_CHANNEL,
         },
     )
-    await _notify(tx, _job_id(event))
 
 
 @projection.handles("JobStarted")
