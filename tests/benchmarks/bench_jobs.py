@@ -16,6 +16,7 @@ more, every job SUCCESS.
 """
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from tests import databases
 from tests.benchmarks.bare_celery import BARE_TASK, bare_queue
 from tests.stack import ServiceStack, settings_for
 
-LATENCY_SAMPLES = 100
+LATENCY_SAMPLES = 300
 WARM_UP = 30
 THROUGHPUT_JOBS = 2000
 CLIENTS = 16
@@ -59,6 +60,37 @@ class BenchStack(ServiceStack):
             command[command.index("--loglevel") + 1] = "WARNING"
             command[command.index("--concurrency") + 1] = str(JOB_WORKER_CONCURRENCY)
         return command
+
+
+def cpu_seconds(stack: ServiceStack) -> dict[str, float]:
+    """CPU time used so far by each process of the stack (with its children),
+    and by PostgreSQL and RabbitMQ, from /proc (Linux only; empty elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    processes: dict[int, tuple[str, int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                raw = stat.read()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        used = (int(fields[11]) + int(fields[12])) / tick
+        processes[int(entry)] = (name, int(fields[1]), used)
+
+    def tree(pid: int) -> float:
+        own = processes.get(pid, ("", 0, 0.0))[2]
+        return own + sum(tree(c) for c, (_, p, _) in processes.items() if p == pid)
+
+    used = {name: tree(process.pid) for name, process in stack.processes.items()}
+    used.pop("bare", None)
+    used["postgres"] = sum(t for n, _, t in processes.values() if n == "postgres")
+    used["rabbitmq"] = sum(t for n, _, t in processes.values() if "beam" in n)
+    return used
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -170,7 +202,9 @@ def main() -> None:
             console.print("measuring the job round trip ...")
             jobs = job_round_trips(client, auth)
         console.print(f"submitting {THROUGHPUT_JOBS} jobs from {CLIENTS} clients ...")
+        cpu_before = cpu_seconds(stack)
         elapsed, done, failed = asyncio.run(throughput(stack.base_url, auth))
+        cpu_after = cpu_seconds(stack)
     finally:
         stack.stop()
         databases.drop(name)
@@ -189,6 +223,17 @@ def main() -> None:
     console.print(table)
     ratio = percentile(jobs, 50) / percentile(bare, 50)
     rate = done / elapsed
+    if cpu_before and done:
+        per_job = {
+            name: (cpu_after[name] - cpu_before[name]) / done * 1000
+            for name in cpu_before
+        }
+        console.print(
+            "CPU per job during the throughput run (ms; PostgreSQL and RabbitMQ"
+            " include any other load on this machine): "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in per_job.items())
+            + f"; total {sum(per_job.values()):.1f} on {os.cpu_count()} cores"
+        )
     console.print(
         f"p50 ratio job/bare: {ratio:.1f}x (target <= 2x)\n"
         f"throughput: {done} SUCCESS of {THROUGHPUT_JOBS} ({failed} FAILURE)"
