@@ -1,5 +1,6 @@
 """Job submission and cancel over HTTP, against a real PostgreSQL (no worker)."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -217,3 +218,23 @@ async def test_another_users_job_cannot_be_cancelled_and_seems_not_to_exist(clie
 
     assert other.status_code == 404
     assert missing.status_code == 404
+
+
+async def test_racing_requests_with_one_idempotency_key_make_one_job(client, engine):
+    auth = await new_user(client)
+    headers = {**auth, "Idempotency-Key": "double-click"}
+
+    answers = await asyncio.gather(
+        *(
+            client.post("/api/v1/jobs/", json={"task": "echo"}, headers=headers)
+            for _ in range(5)
+        )
+    )
+
+    assert {answer.status_code for answer in answers} == {202}
+    assert len({answer.json()["id"] for answer in answers}) == 1
+    async with engine.connect() as connection:
+        count = await connection.exec_driver_sql(
+            "SELECT count(*) FROM events WHERE type = 'JobSubmitted'"
+        )
+    assert count.scalar_one() == 1
