@@ -64,15 +64,16 @@ async def read_job(
     deadline = time.monotonic() + wait
     row = await _read_job(engine, job_id)
     if wait and (row is None or row["status"] not in TERMINAL_STATUSES):
-        # Watch before looking again, so a change in between still wakes us.
+        # Watch, and clear the wake-up, before each look: a change that lands
+        # between the look and the wait still wakes us.
         with _waits(request).watch(job_id) as woken:
             while True:
+                woken.clear()
                 row = await _read_job(engine, job_id)
                 remaining = deadline - time.monotonic()
                 done = row is not None and row["status"] in TERMINAL_STATUSES
                 if done or remaining <= 0 or (row and not _visible(row, principal)):
                     break
-                woken.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_S))
     if not _visible(row, principal):
