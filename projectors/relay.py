@@ -43,6 +43,7 @@ PREVIOUS_HEADER = "previous"
 RELAY_LOCK_KEY = 0x48454C49585245  # "HELIXRE"
 _BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     aio_pika.exceptions.AMQPException,
     ConnectionError,
     OSError,
