@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 
 from query_api import history_routes, job_routes, user_routes
 from query_api.job_waits import JobWaits
-from shared.checkpoints import lags
+from shared.checkpoints import lag_check, lags
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.metrics import (
     CONSUMER_LAG_EVENTS,
@@ -60,4 +60,5 @@ def _checks(request: Request) -> dict[str, Check]:
         "postgres": postgres_check(state.engine),
         "rabbitmq": rabbitmq_check(state.settings),
         "redis": redis_check(state.redis),
+        "projections": lag_check(state.engine),
     }

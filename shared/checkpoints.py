@@ -12,7 +12,7 @@ projectors write through the same functions.
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -168,3 +168,26 @@ async def wait_until_processed(
             return False
         await asyncio.sleep(min(poll_s, remaining))
         poll_s = min(poll_s * 2, max_poll_s)
+
+
+def lag_check(
+    engine: AsyncEngine, max_lag_s: float = 300.0
+) -> Callable[[], Awaitable[None]]:
+    """A `/health/` check: fails when the relay or a projection is far behind.
+
+    The bound is generous on purpose: a lagging projection answers reads with
+    older data (and read-your-writes with 503s), which is worth an alert, but
+    taking the query API out of rotation would not make it catch up sooner.
+    """
+
+    async def check() -> None:
+        behind = [lag for lag in await lags(engine) if lag.seconds > max_lag_s]
+        if behind:
+            raise RuntimeError(
+                ", ".join(
+                    f"{lag.name} is {lag.events} events ({lag.seconds:.0f} s) behind"
+                    for lag in behind
+                )
+            )
+
+    return check

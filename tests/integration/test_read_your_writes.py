@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 
 from projectors.framework import catch_up, ensure_created
 from query_api.consistency import consistent_read
-from shared.checkpoints import lags
+from shared.checkpoints import lag_check, lags
 from shared.db import connect
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.settings import Settings
@@ -152,3 +152,18 @@ async def test_lag_counts_only_the_events_a_projection_handles(engine, things):
 
     assert lag.events == 1
     assert lag.seconds >= 0
+
+
+async def test_lag_check_fails_naming_a_projection_that_is_behind(engine, things):
+    check = lag_check(engine, max_lag_s=0.0)
+    await project(engine, things, await add_thing(things))
+    await check()
+    await add_thing(things)
+    async with asyncio.timeout(30):
+        while True:
+            if len(await things.read_all()) == 2:
+                break
+            await asyncio.sleep(0.01)
+
+    with pytest.raises(RuntimeError, match="things is 1 events"):
+        await check()
