@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.framework import Projection, ensure_created
 from projectors.projections import discover
-from projectors.rebuild import TableDifference, rebuild, verify
+from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
 from shared.checkpoints import lags
 from shared.db import connect, create_engine
 from shared.event_store import EventStore, LogPosition, RecordedEvent
@@ -119,7 +119,7 @@ def projections_status(
                 "SELECT name, live_generation, building_generation, schema_hash"
                 " FROM projection_state"
             )
-            state = {row[0]: row[1:] for row in result.all()}
+            state: dict[str, Any] = {row[0]: row[1:] for row in result.all()}
         hashes = {p.name: p.schema_hash for p in load_projections()}
         rows = []
         for lag in await lags(engine):
@@ -164,7 +164,7 @@ def projections_status(
 def projections_rebuild(
     name: Annotated[str | None, typer.Argument(help="The projection.")] = None,
     every: Annotated[bool, typer.Option("--all", help="Every projection.")] = False,
-    batch_size: Annotated[int, typer.Option(min=100)] = 20_000,
+    batch_size: Annotated[int, typer.Option(min=100)] = REBUILD_BATCH,
 ) -> None:
     """Build new tables from the whole log, then swap them in (blue-green).
 
@@ -203,7 +203,7 @@ def projections_rebuild(
 def projections_verify(
     name: Annotated[str | None, typer.Argument(help="The projection.")] = None,
     every: Annotated[bool, typer.Option("--all", help="Every projection.")] = False,
-    batch_size: Annotated[int, typer.Option(min=100)] = 20_000,
+    batch_size: Annotated[int, typer.Option(min=100)] = REBUILD_BATCH,
 ) -> None:
     """Rebuild into scratch tables and compare with the live ones; exit 1 if they
     differ, printing the rows that do."""
@@ -330,7 +330,7 @@ async def _start_of_last(
         " ORDER BY transaction_id, position LIMIT 1"
     )
     async with connect(engine) as connection:
-        row = (await connection.exec_driver_sql(sql, params)).first()
+        row: Any = (await connection.exec_driver_sql(sql, params)).first()
     if row is None:
         return LogPosition(0, 0)
     # Just below the first of them in log order: (xid, position - 1) sorts after

@@ -164,7 +164,7 @@ class ProjectionConsumer:
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Apply a batch of delivered events, reading any gap from the store."""
-        received: dict[LogPosition, tuple[RecordedEvent, LogPosition | None]] = {}
+        received: dict[LogPosition, tuple[RecordedEvent, LogPosition]] = {}
         for message in messages:
             try:
                 event = from_envelope(json.loads(message.body), self.events)
@@ -187,8 +187,8 @@ class ProjectionConsumer:
             return
         expected = current
         contiguous = True
-        for event, previous in fresh:
-            contiguous = contiguous and previous == expected
+        for event, follows in fresh:
+            contiguous = contiguous and follows == expected
             expected = event.log_position
         if contiguous:
             await apply_batch(self.engine, self.projection, [e for e, _ in fresh])

@@ -90,6 +90,22 @@ _BATCH_BY_RANGE = (
 )
 
 
+# The last event of each run of one handler in a range of the log.
+_RUN_ENDS = """
+SELECT transaction_id::text::bigint, position, handler FROM (
+    SELECT e.transaction_id, e.position, h.handler,
+           lead(h.handler) OVER (ORDER BY e.transaction_id, e.position) AS next
+    FROM events e
+    JOIN unnest(%(types)s::text[], %(handlers)s::int[]) AS h(type, handler)
+      ON h.type = e.type
+    WHERE (e.transaction_id, e.position) > (%(xid)s::text::xid8, %(pos)s)
+      AND (e.transaction_id, e.position) <= (%(uxid)s::text::xid8, %(upos)s)
+) runs
+WHERE next IS DISTINCT FROM handler
+ORDER BY transaction_id, position
+"""
+
+
 class ProjectionTx:
     """What a handler gets: the batch's connection and the tables it writes."""
 
@@ -249,35 +265,34 @@ class Projection:
         """Apply every event in (`after`, `until`] with SQL handlers only.
 
         The caller makes sure that the range is below the read horizon and that
-        the projection is `set_based`. Reads only the types and positions, to cut
-        the range into runs of one handler each.
+        the projection is `set_based`. The range is cut into runs of one handler
+        each in SQL; only the ends of the runs come back (one, for a projection
+        with a single handler).
         """
+        handlers = list(dict.fromkeys(self._handlers.values()))
+        if len(handlers) == 1:
+            await self._run_range(connection, tables, handlers[0], after, until)
+            return
+        types = self.event_types
         result = await connection.exec_driver_sql(
-            "SELECT transaction_id::text::bigint, position, type FROM events"
-            " WHERE type = ANY(%s) AND (transaction_id, position) >"
-            " (%s::text::xid8, %s) AND (transaction_id, position) <= (%s::text::xid8,"
-            " %s) ORDER BY transaction_id, position",
-            (
-                self.event_types,
-                str(after.transaction_id),
-                after.position,
-                str(until.transaction_id),
-                until.position,
-            ),
+            _RUN_ENDS,
+            {
+                "types": types,
+                "handlers": [handlers.index(self._handlers[t]) for t in types],
+                "xid": str(after.transaction_id),
+                "pos": after.position,
+                "uxid": str(until.transaction_id),
+                "upos": until.position,
+            },
         )
-        run_start, run_handler = after, None
-        previous = after
-        for transaction_id, position, event_type in result.all():
-            handler = self._handlers[event_type]
-            if run_handler is not None and handler is not run_handler:
-                await self._run_range(
-                    connection, tables, run_handler, run_start, previous
-                )
-                run_start = previous
-            run_handler = handler
-            previous = LogPosition(transaction_id, position)
-        if run_handler is not None:
-            await self._run_range(connection, tables, run_handler, run_start, previous)
+        run_start = after
+        ends: list[Any] = list(result.all())
+        for transaction_id, position, handler_index in ends:
+            run_end = LogPosition(transaction_id, position)
+            await self._run_range(
+                connection, tables, handlers[handler_index], run_start, run_end
+            )
+            run_start = run_end
 
     async def _run_range(
         self,
@@ -384,7 +399,7 @@ async def ensure_created(
     async with transaction(engine) as connection:
         await connection.exec_driver_sql(_DDL_LOCK)
         for projection in projections:
-            row = (
+            row: Any = (
                 await connection.exec_driver_sql(
                     "SELECT live_generation, schema_hash FROM projection_state"
                     " WHERE name = %s",

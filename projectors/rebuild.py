@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # (events applied so far, events to apply in all)
 Progress = Callable[[int, int], None]
 
-REBUILD_BATCH = 20_000
+REBUILD_BATCH = 50_000
 DIFFERENCES_SHOWN = 20
 
 
@@ -172,7 +172,7 @@ async def _fill_set_based(
                 "upos": None if until is None else until.position,
                 "limit": batch_size,
             }
-            row = (await connection.exec_driver_sql(_PAGE_END, params)).first()
+            row: Any = (await connection.exec_driver_sql(_PAGE_END, params)).first()
             if row is None:
                 return current, done
             page_end = LogPosition(row[0], row[1])
@@ -210,7 +210,7 @@ async def _apply_to(
 async def _start_generation(engine: AsyncEngine, projection: Projection) -> int:
     """The generation to build: the one an interrupted rebuild left, or a new one."""
     async with transaction(engine) as connection:
-        row = (
+        row: Any = (
             await connection.exec_driver_sql(
                 "SELECT live_generation, building_generation, building_schema_hash"
                 " FROM projection_state WHERE name = %s FOR UPDATE",
@@ -228,7 +228,7 @@ async def _start_generation(engine: AsyncEngine, projection: Projection) -> int:
             return int(building)
         if building is not None:
             await _drop_generation(connection, projection, building)
-        generation = max(live, building or 0) + 1
+        generation = int(max(live, building or 0)) + 1
         await create_tables(
             connection,
             projection,
@@ -295,7 +295,7 @@ async def rebuild(
         live = checkpoint_name(projection)
         # Holding the live checkpoint pauses the live projector until we commit.
         await read_checkpoint(connection, live, for_update=True)
-        state = (
+        state: Any = (
             await connection.exec_driver_sql(
                 "SELECT live_generation, building_generation FROM projection_state"
                 " WHERE name = %s FOR UPDATE",
@@ -385,7 +385,10 @@ async def verify(
         )
         async with transaction(engine) as connection:
             # The live tables cannot move while we hold their checkpoint.
-            until = await read_checkpoint(connection, projection.name, for_update=True)
+            until = (
+                await read_checkpoint(connection, projection.name, for_update=True)
+                or LOG_START
+            )
             tail: list[RecordedEvent] = []
             async for page in _pages(store, projection, position, until, batch_size):
                 tail.extend(page)
