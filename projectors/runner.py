@@ -35,17 +35,18 @@ async def run(
     try:
         stale = await ensure_created(engine, projections)
         store = EventStore(engine, registry)
-        for projection in stale:
-            log.info(
-                "rebuilding stale projection", extra={"projection": projection.name}
-            )
-            await rebuild(engine, projection, store=store)
+
+        async def project(projection: Projection) -> None:
+            if projection in stale:
+                log.info(
+                    "rebuilding stale projection", extra={"projection": projection.name}
+                )
+                await rebuild(engine, projection, store=store)
+            await ProjectionConsumer(settings, engine, projection).run(stopping)
+
         components: list[Coroutine[Any, Any, None]] = [
             Relay(settings, engine).run(stopping),
-            *(
-                ProjectionConsumer(settings, engine, projection).run(stopping)
-                for projection in projections
-            ),
+            *(project(projection) for projection in projections),
             run_dispatcher(settings, stopping),
         ]
         tasks = [asyncio.create_task(component) for component in components]
