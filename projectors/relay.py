@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 
 import aio_pika
@@ -39,6 +40,8 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 PREVIOUS_HEADER = "previous"
+RECHECK_S = 0.005
+SAVE_EVERY_S = 0.5
 # Any fixed number will do: advisory locks are per database.
 RELAY_LOCK_KEY = 0x48454C49585245  # "HELIXRE"
 _BROKER_ERRORS = (
@@ -153,7 +156,10 @@ class Relay:
                 "INSERT INTO checkpoints (name) VALUES (%s) ON CONFLICT DO NOTHING",
                 (RELAY,),
             )
-        position = await checkpoint(self.engine, RELAY)
+        position = saved = await checkpoint(self.engine, RELAY)
+        saved_at = time.monotonic()
+        poll_s = self.settings.tail_poll_interval_s
+        recheck_s = poll_s
         listener = LogListener(self.settings.psycopg_dsn)
         await listener.start()
         try:
@@ -162,15 +168,34 @@ class Relay:
                 await lock.execute("SELECT 1")
                 events = await self.store.read_all(position, limit=self.batch_size)
                 if not events:
-                    await listener.wait(self.settings.tail_poll_interval_s)
+                    if position != saved:
+                        await self._save(position)
+                        saved, saved_at = position, time.monotonic()
+                    # A commit may still sit above the read horizon when its
+                    # notification arrives: look again soon, then less often.
+                    if await listener.wait(recheck_s):
+                        recheck_s = RECHECK_S
+                    else:
+                        recheck_s = min(recheck_s * 2, poll_s)
                     continue
+                recheck_s = RECHECK_S
                 if not await self._publish_with_retries(events, position, stopping):
                     return
                 position = events[-1].log_position
-                async with transaction(self.engine) as connection:
-                    await save_checkpoint(connection, RELAY, position)
+                # Saved when idle or every so often, not per batch: a crash in
+                # between only publishes some events again, which consumers skip.
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    await self._save(position)
+                    saved, saved_at = position, time.monotonic()
         finally:
             await listener.stop()
+            if position != saved:
+                with contextlib.suppress(Exception):
+                    await self._save(position)
+
+    async def _save(self, position: LogPosition) -> None:
+        async with transaction(self.engine) as connection:
+            await save_checkpoint(connection, RELAY, position)
 
     async def _publish_with_retries(
         self,
