@@ -256,14 +256,13 @@ def _print_events(events: Sequence[RecordedEvent], as_json: bool) -> None:
             sys.stdout.write(json.dumps(event.envelope()) + "\n")
             continue
         actor = event.metadata.get("actor_id") or "-"
-        console.print(
+        line = Text(
             f"{event.position:>9} {event.recorded_at:%Y-%m-%d %H:%M:%S}"
-            f" {event.stream_id} v{event.version} [bold]{event.type}[/bold]"
-            f" actor={actor} {json.dumps(event.data, default=str)}",
-            highlight=False,
-            markup=True,
-            soft_wrap=True,
+            f" {event.stream_id} v{event.version} "
         )
+        line.append(event.type, style="bold")
+        line.append(f" actor={actor} {json.dumps(event.data, default=str)}")
+        console.print(line, highlight=False, soft_wrap=True)
     sys.stdout.flush()
 
 

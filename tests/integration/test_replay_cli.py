@@ -47,7 +47,7 @@ def given(database_url: str, sql: str | None = None, things: int = 5) -> list[st
             streams.append(stream)
         await store.append(
             streams[0],
-            [ThingRenamed(old_name="t0", new_name="first")],
+            [ThingRenamed(old_name="t0", new_name="[red]first[/red]")],
             expected_version=1,
             metadata=META,
         )
@@ -129,3 +129,4 @@ def test_events_stream_prints_one_stream_in_version_order(helix, database_url):
     assert len(lines) == 2
     assert "v1 ThingHappened" in lines[0]
     assert "v2 ThingRenamed" in lines[1]
+    assert '"new_name": "[red]first[/red]"' in lines[1]
