@@ -1,12 +1,17 @@
 """The jobs read model: `job_statuses`, one row a job, as GET /jobs shows it.
 
-Every update applies only if the event is newer than the row's `version`, so a
-replayed or duplicated event changes nothing. A change of status also sends
-NOTIFY on `helix_jobs` with the job id, at commit: the query API answers
-`GET /jobs/{id}?wait=S` the moment its job finishes instead of polling for it.
+Events are applied a batch at a time: the rows of the batch's jobs are read once,
+each job's events are folded onto its row in Python, in log order, and the changed
+rows are written back in one statement. An event at or below a row's `version` is
+skipped, so a replayed or duplicated event changes nothing. A job whose status
+changed gets a NOTIFY on `helix_jobs` (payload: the job id), sent at commit: the
+query API answers `GET /jobs/{id}?wait=S` the moment its job finishes instead of
+polling for it.
 """
 
 import json
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -15,28 +20,30 @@ from shared.event_store import RecordedEvent
 
 JOBS_CHANNEL = "helix_jobs"
 
+COLUMNS = {
+    "id": "uuid PRIMARY KEY",
+    "owner_id": "uuid NOT NULL",
+    "task": "text NOT NULL",
+    "status": "text NOT NULL",
+    "result_data": "jsonb",
+    "message": "text",
+    "progress": "double precision NOT NULL DEFAULT 0",
+    "attempts": "integer NOT NULL DEFAULT 0",
+    "max_retries": "integer NOT NULL",
+    "timeout_s": "double precision NOT NULL",
+    "cancel_requested": "boolean NOT NULL DEFAULT false",
+    "submitted_at": "timestamptz NOT NULL",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "retry_at": "timestamptz",
+    "version": "integer NOT NULL",
+    "updated_at": "timestamptz NOT NULL",
+}
+
 projection = Projection(
     name="jobs",
     tables={
-        "job_statuses": (
-            "id uuid PRIMARY KEY,"
-            " owner_id uuid NOT NULL,"
-            " task text NOT NULL,"
-            " status text NOT NULL,"
-            " result_data jsonb,"
-            " message text,"
-            " progress double precision NOT NULL DEFAULT 0,"
-            " attempts integer NOT NULL DEFAULT 0,"
-            " max_retries integer NOT NULL,"
-            " timeout_s double precision NOT NULL,"
-            " cancel_requested boolean NOT NULL DEFAULT false,"
-            " submitted_at timestamptz NOT NULL,"
-            " started_at timestamptz,"
-            " finished_at timestamptz,"
-            " retry_at timestamptz,"
-            " version integer NOT NULL,"
-            " updated_at timestamptz NOT NULL"
-        )
+        "job_statuses": ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
     },
     indexes={
         "job_statuses": [
@@ -47,134 +54,137 @@ projection = Projection(
     },
 )
 
-
-def _job_id(event: RecordedEvent) -> UUID:
-    return UUID(event.stream_id.removeprefix("job-"))
+Row = dict[str, Any]
 
 
-async def _update(
-    tx: ProjectionTx,
-    event: RecordedEvent,
-    assignments: str,
-    values: dict[str, Any] | None = None,
-    *,
-    notify: bool = True,
-) -> None:
-    update = (
-        f"UPDATE {tx.table('job_statuses')}"
-        f" SET {assignments}, version = %(version)s, updated_at = %(recorded_at)s"
-        " WHERE id = %(id)s AND version < %(version)s"
-    )
-    if notify:
-        update = _NOTIFY_CHANGED.format(change=update + " RETURNING id")
-    await tx.connection.exec_driver_sql(
-        update,
-        {
-            **(values or {}),
-            "id": _job_id(event),
-            "version": event.version,
-            "recorded_at": event.recorded_at,
-            "channel": JOBS_CHANNEL,
-        },
-    )
+def _job_id(event: RecordedEvent) -> str:
+    return str(UUID(event.stream_id.removeprefix("job-")))
 
 
-# Sent at commit, and only for a row the statement changed.
-_NOTIFY_CHANGED = (
-    "WITH changed AS ({change}) SELECT pg_notify(%(channel)s, id::text) FROM changed"
-)
-
-
-@projection.handles("JobSubmitted")
-async def add_job(tx: ProjectionTx, event: RecordedEvent) -> None:
+def submitted_row(event: RecordedEvent) -> Row:
     data = event.data
-    insert = (
-        f"INSERT INTO {tx.table('job_statuses')}"
-        " (id, owner_id, task, status, max_retries, timeout_s, submitted_at,"
-        " version, updated_at)"
-        " VALUES (%(id)s, %(owner_id)s, %(task)s, 'PENDING', %(max_retries)s,"
-        " %(timeout_s)s, %(recorded_at)s, %(version)s, %(recorded_at)s)"
-        " ON CONFLICT (id) DO NOTHING RETURNING id"
+    return {
+        "id": _job_id(event),
+        "owner_id": str(data["owner_id"]),
+        "task": data["task"],
+        "status": "PENDING",
+        "result_data": None,
+        "message": None,
+        "progress": 0.0,
+        "attempts": 0,
+        "max_retries": data["max_retries"],
+        "timeout_s": data["timeout_s"],
+        "cancel_requested": False,
+        "submitted_at": event.recorded_at,
+        "started_at": None,
+        "finished_at": None,
+        "retry_at": None,
+        "version": event.version,
+        "updated_at": event.recorded_at,
+    }
+
+
+def apply_event(row: Row, event: RecordedEvent) -> Row:
+    """The row after `event`, which is newer than the row (a pure function)."""
+    data = event.data
+    at = event.recorded_at
+    row = {**row, "version": event.version, "updated_at": at}
+    match event.type:
+        case "JobStarted":
+            row.update(
+                status="STARTED",
+                attempts=data["attempt"],
+                started_at=at,
+                progress=0.0,
+                retry_at=None,
+            )
+        case "JobProgressed":
+            row["progress"] = data["progress"]
+        case "JobRetryScheduled":
+            row.update(
+                status="RETRY",
+                message=data["message"],
+                retry_at=datetime.fromisoformat(data["retry_at"]),
+            )
+        case "JobSucceeded":
+            row.update(
+                status="SUCCESS",
+                result_data=data["result_data"],
+                message=None,
+                progress=1.0,
+                finished_at=at,
+            )
+        case "JobFailed":
+            row.update(
+                status="FAILURE", message=data["message"], finished_at=at, retry_at=None
+            )
+        case "JobCancelRequested":
+            row["cancel_requested"] = True
+        case "JobCancelled":
+            row.update(
+                status="REVOKED", message="cancelled", finished_at=at, retry_at=None
+            )
+    return row
+
+
+@projection.handles_batch(
+    "JobSubmitted",
+    "JobStarted",
+    "JobProgressed",
+    "JobRetryScheduled",
+    "JobSucceeded",
+    "JobFailed",
+    "JobCancelRequested",
+    "JobCancelled",
+)
+async def apply_job_events(tx: ProjectionTx, events: Sequence[RecordedEvent]) -> None:
+    table = tx.table("job_statuses")
+    job_ids = list(dict.fromkeys(_job_id(event) for event in events))
+    result = await tx.connection.exec_driver_sql(
+        f"SELECT {', '.join(COLUMNS)} FROM {table} WHERE id = ANY(%s::uuid[])",
+        (job_ids,),
     )
+    rows: dict[str, Row] = {
+        str(row["id"]): dict(row) for row in result.mappings().all()
+    }
+
+    changed: dict[str, Row] = {}
+    woken: set[str] = set()
+    for event in events:
+        job_id = _job_id(event)
+        row = rows.get(job_id)
+        if event.type == "JobSubmitted":
+            if row is not None:
+                continue
+            new_row = submitted_row(event)
+        elif row is None or event.version <= row["version"]:
+            continue
+        else:
+            new_row = apply_event(row, event)
+        if row is None or new_row["status"] != row["status"]:
+            woken.add(job_id)
+        rows[job_id] = changed[job_id] = new_row
+    if not changed:
+        return
+
+    updates = ", ".join(f"{name} = excluded.{name}" for name in COLUMNS if name != "id")
     await tx.connection.exec_driver_sql(
-        _NOTIFY_CHANGED.format(change=insert),
-        {
-            "id": _job_id(event),
-            "owner_id": data["owner_id"],
-            "task": data["task"],
-            "max_retries": data["max_retries"],
-            "timeout_s": data["timeout_s"],
-            "recorded_at": event.recorded_at,
-            "version": event.version,
-            "channel": JOBS_CHANNEL,
-        },
+        f"INSERT INTO {table} ({', '.join(COLUMNS)})"
+        f" SELECT {', '.join(COLUMNS)}"
+        f" FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb)"
+        f" ON CONFLICT (id) DO UPDATE SET {updates}",
+        (json.dumps(list(changed.values()), default=_json_value),),
     )
+    if woken:
+        await tx.connection.exec_driver_sql(
+            "SELECT pg_notify(%s, job_id) FROM unnest(%s::text[]) AS job_id",
+            (JOBS_CHANNEL, sorted(woken)),
+        )
 
 
-@projection.handles("JobStarted")
-async def mark_job_started(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "status = 'STARTED', attempts = %(attempt)s, started_at = %(recorded_at)s,"
-        " progress = 0, retry_at = NULL",
-        {"attempt": event.data["attempt"]},
-    )
-
-
-@projection.handles("JobProgressed")
-async def record_job_progress(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "progress = %(progress)s",
-        {"progress": event.data["progress"]},
-        notify=False,
-    )
-
-
-@projection.handles("JobRetryScheduled")
-async def mark_job_retrying(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "status = 'RETRY', message = %(message)s, retry_at = %(retry_at)s",
-        {"message": event.data["message"], "retry_at": event.data["retry_at"]},
-    )
-
-
-@projection.handles("JobSucceeded")
-async def mark_job_succeeded(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "status = 'SUCCESS', result_data = %(result)s::jsonb, message = NULL,"
-        " progress = 1, finished_at = %(recorded_at)s",
-        {"result": json.dumps(event.data["result_data"])},
-    )
-
-
-@projection.handles("JobFailed")
-async def mark_job_failed(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "status = 'FAILURE', message = %(message)s, finished_at = %(recorded_at)s,"
-        " retry_at = NULL",
-        {"message": event.data["message"]},
-    )
-
-
-@projection.handles("JobCancelRequested")
-async def mark_job_cancel_requested(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(tx, event, "cancel_requested = true", notify=False)
-
-
-@projection.handles("JobCancelled")
-async def mark_job_cancelled(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "status = 'REVOKED', message = 'cancelled', finished_at = %(recorded_at)s,"
-        " retry_at = NULL",
-    )
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in job_statuses")

@@ -101,3 +101,37 @@ async def test_a_cancelled_job_is_revoked(runner, engine, store):
 
     assert (row["status"], row["message"]) == ("REVOKED", "cancelled")
     assert row["cancel_requested"] is True
+
+
+async def test_events_applied_again_or_one_by_one_give_the_same_rows(
+    runner, engine, store
+):
+    retried = await submit(store, "fail", {"message": "x", "retryable": True})
+    succeeded = await submit(store, "sleep", {"seconds": 0.6})
+    await runner.run(retried)
+    await runner.run(succeeded)
+    events = [
+        *(await store.read_stream(job_stream(retried))),
+        *(await store.read_stream(job_stream(succeeded))),
+    ]
+    assert "JobProgressed" in [e.type for e in events]
+    tables = projection.generation_tables(1)
+
+    async def rows_after(batches: list[list]) -> list[dict]:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("DELETE FROM job_statuses_g1")
+            for batch in batches:
+                await projection.apply(connection, tables, batch)
+            result = await connection.exec_driver_sql(
+                "SELECT * FROM job_statuses_g1 ORDER BY submitted_at"
+            )
+            return [dict(row) for row in result.mappings()]
+
+    at_once = await rows_after([events])
+    twice = await rows_after([events, events])
+    one_by_one = await rows_after([[event] for event in events])
+
+    assert len(at_once) == 2
+    assert [row["status"] for row in at_once] == ["RETRY", "SUCCESS"]
+    assert twice == at_once
+    assert one_by_one == at_once
