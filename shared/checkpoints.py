@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,7 +46,7 @@ async def read_checkpoint(
         "SELECT transaction_id::text::bigint, position FROM checkpoints"
         " WHERE name = %s" + (" FOR UPDATE" if for_update else "")
     )
-    row = (await connection.exec_driver_sql(sql, (name,))).first()
+    row: Any = (await connection.exec_driver_sql(sql, (name,))).first()
     return LogPosition(row[0], row[1]) if row else None
 
 
@@ -104,7 +105,7 @@ async def lags(engine: AsyncEngine, names: Sequence[str] | None = None) -> list[
     """
     params = {"names": list(names) if names is not None else None}
     async with connect(engine) as connection:
-        rows = (await connection.exec_driver_sql(_LAG, params)).all()
+        rows: list[Any] = list((await connection.exec_driver_sql(_LAG, params)).all())
     return [
         Lag(row[0], LogPosition(row[1], row[2]), int(row[4]), float(row[5]), row[3])
         for row in rows
@@ -159,7 +160,9 @@ async def wait_until_processed(
     while True:
         async with connect(engine) as connection:
             if located is None:
-                row = (await connection.exec_driver_sql(_LOCATE, (position,))).first()
+                row: Any = (
+                    await connection.exec_driver_sql(_LOCATE, (position,))
+                ).first()
                 located = LogPosition(row[0], position) if row else None
             if located is not None and await processed(connection, names, located):
                 return True

@@ -41,7 +41,7 @@ from tests.sample_events import ThingHappened, sample_events
 LOG_SIZE = 200_000
 EVENTS_PER_TRANSACTION = 1_000
 LAG_RATE = 500
-LAG_SECONDS = 10
+LAG_SECONDS = 20
 LAG_PROJECTION = "bench_lag"
 COLUMNS = (
     "stream_id text PRIMARY KEY, name text NOT NULL, size integer NOT NULL,"
