@@ -59,6 +59,8 @@ class JobResult:
 
 # Take the key, or take it over once it is older than the window. No row back
 # means the key is live and belongs to an earlier request.
+# TODO: expired keys stay until reused; a periodic DELETE of rows older than the
+# window (index on created_at is there) would keep the table small.
 _CLAIM_KEY = f"""
 INSERT INTO job_idempotency_keys (owner_id, idempotency_key, job_id, request_digest)
 VALUES (%(owner_id)s, %(key)s, %(job_id)s, %(digest)s)
