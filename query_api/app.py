@@ -9,6 +9,7 @@ from query_api import history_routes, job_routes, user_routes
 from query_api.job_waits import JobWaits
 from shared.checkpoints import lag_check, lags
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
+from shared.jobs.messaging import worker_check
 from shared.metrics import (
     CONSUMER_LAG_EVENTS,
     CONSUMER_LAG_SECONDS,
@@ -61,4 +62,5 @@ def _checks(request: Request) -> dict[str, Check]:
         "rabbitmq": rabbitmq_check(state.settings),
         "redis": redis_check(state.redis),
         "projections": lag_check(state.engine),
+        "worker": worker_check(state.settings),
     }

@@ -23,7 +23,7 @@ def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
     with TcpProxy(5432) as proxy:
         via_proxy = make_url(database_url).set(port=proxy.port)
         settings = settings_for(via_proxy.render_as_string(hide_password=False))
-        stack = ServiceStack(settings, processes=["api"])
+        stack = ServiceStack(settings, processes=["api", "worker"])
         try:
             stack.start()
             with stack.client() as client:
@@ -36,6 +36,7 @@ def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
                 assert down["status"] == "unavailable"
                 assert down["checks"]["postgres"]["ok"] is False
                 assert down["checks"]["redis"]["ok"] is True
+                assert down["checks"]["worker"]["ok"] is True
                 assert time.monotonic() - started < 15
 
                 proxy.restore()
