@@ -141,8 +141,10 @@ class ProjectionConsumer:
             self.consuming.set()
             idle_s = 0.0
             while not stopping.is_set():
-                if connection.is_closed:
-                    raise ConnectionError("RabbitMQ connection closed")
+                # A connection the broker closed is not `is_closed` (that means
+                # closed by us); it only stops being `connected`.
+                if connection.is_closed or not connection.connected.is_set():
+                    raise ConnectionError("RabbitMQ connection lost")
                 try:
                     first = await asyncio.wait_for(inbox.get(), 0.5)
                 except TimeoutError:

@@ -30,7 +30,7 @@ from shared.event_store import (
     RecordedEvent,
 )
 from shared.settings import Settings
-from tests.broker import delete_broker_objects
+from tests.broker import delete_broker_objects, rabbitmq_stopped
 from tests.sample_events import ThingHappened, ThingRenamed, sample_events
 from tests.sample_projection import ThingNoted, make_projection, make_sql_projection
 
@@ -397,3 +397,24 @@ async def test_a_set_based_projection_rebuilds_to_the_rows_it_built_live(engine)
     assert await rows(engine, "SELECT * FROM things ORDER BY stream_id") == live
     assert await rows(engine, "SELECT count(*), max(applied) FROM things") == [(50, 2)]
     assert await verify(engine, projection, store=store, batch_size=4) == []
+
+
+async def test_events_appended_while_rabbitmq_is_down_are_all_projected_once(
+    settings, engine, broker
+):
+    projection = make_projection()
+    store = EventStore(engine, sample_events)
+    await ensure_created(engine, [projection])
+    things = consumer(settings, engine, projection, idle_catch_up_s=None)
+    relay = Relay(settings, engine, max_backoff_s=0.5)
+    async with running(relay, things):
+        await asyncio.wait_for(things.consuming.wait(), 30)
+        await append_things(store, 5)
+        await projected(engine, store, "things")
+        with rabbitmq_stopped():
+            await append_things(store, 10)
+            await asyncio.sleep(1)
+        await append_things(store, 5)
+        await projected(engine, store, "things")
+
+    assert await rows(engine, "SELECT count(*), max(applied) FROM things") == [(20, 1)]
