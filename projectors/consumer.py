@@ -10,10 +10,12 @@ A message carries the log position of the event before it. When a batch does not
 follow on from the checkpoint (a message lost, acknowledged without being applied,
 or for a type this projection does not handle), the projector reads what it missed
 from the store instead. It also catches up from the store when it starts and when
-it has been idle a while, so it does not depend on the broker to be complete.
+it has been idle a while, and while RabbitMQ is unreachable, so it does not
+depend on the broker to be complete, nor to be up.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -106,6 +108,9 @@ class ProjectionConsumer:
                     extra={"projection": self.projection.name},
                 )
                 self.consuming.clear()
+                # While the broker is away, keep the tables moving from the store.
+                with contextlib.suppress(Exception):
+                    await catch_up(self.engine, self.projection, store=self.store)
                 try:
                     await asyncio.wait_for(stopping.wait(), backoff_s)
                 except TimeoutError:
