@@ -48,10 +48,12 @@ it are dropped, so applying is idempotent and two processes never apply one even
 twice.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -510,18 +512,27 @@ async def catch_up(
     store: EventStore | None = None,
     until: LogPosition | None = None,
     batch_size: int = 2000,
+    horizon_wait_s: float = 10.0,
 ) -> LogPosition:
     """Apply, from the store, everything after the live checkpoint up to `until`.
 
     Without `until`, goes to the head of the log as it is when called. The
     checkpoint ends at that point even if the last events there are of types this
     projection does not handle. Tests use this to project synchronously.
+
+    `until` names a committed event; if a transaction still open elsewhere holds
+    the read horizon below it, this waits for the horizon (up to
+    `horizon_wait_s`), then goes as far as it can.
     """
     if store is None:
         store = EventStore(engine, events) if events is not None else EventStore(engine)
+    head = await store.head()
+    deadline = time.monotonic() + horizon_wait_s
+    while until is not None and head < until and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        head = await store.head()
     # Never past the read horizon: moving the checkpoint to `until` claims that
     # every event up to it was read.
-    head = await store.head()
     until = head if until is None else min(until, head)
     if not projection.event_types:
         return await apply_batch(engine, projection, [], through=until)
