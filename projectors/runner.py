@@ -41,7 +41,14 @@ async def run(
                 log.info(
                     "rebuilding stale projection", extra={"projection": projection.name}
                 )
-                await rebuild(engine, projection, store=store)
+                try:
+                    await rebuild(engine, projection, store=store)
+                except Exception:
+                    # The old tables keep serving; `helix projections rebuild`
+                    # can finish the job (it resumes the generation built so far).
+                    log.exception(
+                        "rebuild failed", extra={"projection": projection.name}
+                    )
             await ProjectionConsumer(settings, engine, projection).run(stopping)
 
         components: list[Coroutine[Any, Any, None]] = [
