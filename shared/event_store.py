@@ -179,7 +179,7 @@ class EventStore:
     def __init__(self, engine: AsyncEngine, events: EventRegistry = registry) -> None:
         self.engine = engine
         self.events = events
-        self._group_commit = GroupCommitter(
+        self._group_commit: GroupCommitter[AppendResult] = GroupCommitter(
             engine,
             single=self._append_in_own_transaction,
             resolve=self._resolve,
@@ -207,7 +207,7 @@ class EventStore:
         params = self._encode(stream_id, events, metadata, event_ids)
         params["expected_version"] = expected_version
         if connection is not None:
-            result = await self._append(connection, params)
+            result: AppendResult = await self._append(connection, params)
             # shared.db.transaction() runs these once the caller's transaction
             # has committed; until then there is nothing to wake tailers for.
             callbacks = connection.info.setdefault(AFTER_COMMIT, [])

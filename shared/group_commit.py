@@ -16,7 +16,7 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -73,15 +73,18 @@ ORDER BY c.n
 Outcome = tuple[int, list[list[Any]] | None, list[int] | None]
 
 
+R = TypeVar("R")
+
+
 @dataclass
-class _Append:
+class _Append(Generic[R]):
     params: dict[str, Any]
-    done: asyncio.Future[Any] = field(
+    done: asyncio.Future[R] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
-class GroupCommitter:
+class GroupCommitter(Generic[R]):
     """Batches the concurrent appends of one event loop into shared commits.
 
     `single` commits one append by itself; `resolve` turns a batch's outcome for
@@ -93,8 +96,8 @@ class GroupCommitter:
         self,
         engine: AsyncEngine,
         *,
-        single: Callable[[dict[str, Any]], Awaitable[Any]],
-        resolve: Callable[[dict[str, Any], Outcome], Any],
+        single: Callable[[dict[str, Any]], Awaitable[R]],
+        resolve: Callable[[dict[str, Any], Outcome], R],
         after_commit: Callable[[psycopg.AsyncConnection], Awaitable[None]],
     ) -> None:
         self._engine = engine
@@ -103,9 +106,9 @@ class GroupCommitter:
         self._after_commit = after_commit
         # Futures and tasks belong to one event loop; a process may run several
         # in turn (a Celery worker), so each loop gets a queue of its own.
-        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._queues: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _Queue[R]
+        ] = weakref.WeakKeyDictionary()
 
     async def append(self, params: dict[str, Any]) -> Any:
         """Commit one append with whichever others are waiting; its result."""
@@ -113,18 +116,18 @@ class GroupCommitter:
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = _Queue(self)
-        item = _Append(params)
+        item: _Append[R] = _Append(params)
         queue.put(item)
         return await item.done
 
 
-class _Queue:
-    def __init__(self, committer: GroupCommitter) -> None:
+class _Queue(Generic[R]):
+    def __init__(self, committer: GroupCommitter[R]) -> None:
         self.committer = committer
-        self.pending: list[_Append] = []
+        self.pending: list[_Append[R]] = []
         self.writer: asyncio.Task[None] | None = None
 
-    def put(self, item: _Append) -> None:
+    def put(self, item: _Append[R]) -> None:
         self.pending.append(item)
         if self.writer is None or self.writer.done():
             self.writer = asyncio.get_running_loop().create_task(self._write())
@@ -143,8 +146,11 @@ class _Queue:
                     item.done.cancel()
                 raise
 
-    def _take_batch(self) -> list[_Append]:
-        batch, rest, streams, events = [], [], set(), 0
+    def _take_batch(self) -> list[_Append[R]]:
+        batch: list[_Append[R]] = []
+        rest: list[_Append[R]] = []
+        streams: set[str] = set()
+        events = 0
         for item in self.pending:
             size = len(item.params["event_ids"])
             stream = item.params["stream_id"]
@@ -157,7 +163,7 @@ class _Queue:
         self.pending = rest
         return batch
 
-    async def _commit(self, batch: list[_Append]) -> None:
+    async def _commit(self, batch: list[_Append[R]]) -> None:
         if len(batch) == 1:
             await self._alone(batch[0])
             return
@@ -186,14 +192,14 @@ class _Queue:
             except Exception as exc:
                 item.done.set_exception(exc)
 
-    async def _alone(self, item: _Append) -> None:
+    async def _alone(self, item: _Append[R]) -> None:
         try:
             item.done.set_result(await self.committer._single(item.params))
         except Exception as exc:
             item.done.set_exception(exc)
 
 
-def _batch_params(batch: list[_Append]) -> dict[str, Any]:
+def _batch_params(batch: list[_Append[Any]]) -> dict[str, Any]:
     params: dict[str, list[Any]] = {
         key: []
         for key in (
