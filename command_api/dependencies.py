@@ -9,26 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.auth import PasswordHasher, Principal, authenticate, bearer_scheme
 from shared.event_store import EventStore
 from shared.settings import Settings
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _engine(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.app.state.engine
-    return engine
-
-
-def _store(request: Request) -> EventStore:
-    store: EventStore = request.app.state.store
-    return store
-
-
-def _redis(request: Request) -> redis.Redis:
-    client: redis.Redis = request.app.state.redis
-    return client
+from shared.web import state_engine, state_redis, state_settings, state_store
 
 
 def _hasher(request: Request) -> PasswordHasher:
@@ -54,10 +35,10 @@ async def _optional_user(
     return await authenticate(request, token)
 
 
-AppSettings = Annotated[Settings, Depends(_settings)]
-Engine = Annotated[AsyncEngine, Depends(_engine)]
-Store = Annotated[EventStore, Depends(_store)]
-Redis = Annotated[redis.Redis, Depends(_redis)]
+AppSettings = Annotated[Settings, Depends(state_settings)]
+Engine = Annotated[AsyncEngine, Depends(state_engine)]
+Store = Annotated[EventStore, Depends(state_store)]
+Redis = Annotated[redis.Redis, Depends(state_redis)]
 Hasher = Annotated[PasswordHasher, Depends(_hasher)]
 CurrentUser = Annotated[Principal, Depends(_current_user)]
 OptionalUser = Annotated[Principal | None, Depends(_optional_user)]

@@ -9,21 +9,7 @@ from query_api.consistency import consistent_read
 from shared.auth import Principal, authenticate, bearer_scheme
 from shared.event_store import EventStore
 from shared.settings import Settings
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _engine(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.app.state.engine
-    return engine
-
-
-def _store(request: Request) -> EventStore:
-    store: EventStore = request.app.state.store
-    return store
+from shared.web import state_engine, state_settings, state_store
 
 
 async def _current_user(
@@ -40,9 +26,9 @@ async def _superuser(
     return principal
 
 
-AppSettings = Annotated[Settings, Depends(_settings)]
-Engine = Annotated[AsyncEngine, Depends(_engine)]
-Store = Annotated[EventStore, Depends(_store)]
+AppSettings = Annotated[Settings, Depends(state_settings)]
+Engine = Annotated[AsyncEngine, Depends(state_engine)]
+Store = Annotated[EventStore, Depends(state_store)]
 CurrentUser = Annotated[Principal, Depends(_current_user)]
 Superuser = Annotated[Principal, Depends(_superuser)]
 # Read-your-writes on the users projection: waits for a sent Helix-Position.

@@ -18,7 +18,7 @@ Celery worker runs the same coroutines on an event loop of its own.
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID, uuid4
@@ -409,36 +409,15 @@ class EventStore:
         return LogPosition(*rows[0]) if rows else None
 
     def _recorded(self, row: Any) -> RecordedEvent:
-        (
-            position,
-            xid,
-            stream_id,
-            category,
-            version,
-            event_id,
-            type_,
-            schema_version,
-            data,
-            metadata,
-            recorded_at,
-        ) = row
+        event = RecordedEvent(*row)
         try:
-            event_type = self.events.get(type_)
+            event_type = self.events.get(event.type)
         except UnknownEventType:
-            event_type = None
-        if event_type is not None and schema_version < event_type.version:
-            data = event_type.upcast(data, schema_version)
-            schema_version = event_type.version
-        return RecordedEvent(
-            position,
-            xid,
-            stream_id,
-            category,
-            version,
-            event_id,
-            type_,
-            schema_version,
-            data,
-            metadata,
-            recorded_at,
+            return event
+        if event.schema_version >= event_type.version:
+            return event
+        return replace(
+            event,
+            data=event_type.upcast(event.data, event.schema_version),
+            schema_version=event_type.version,
         )

@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import errors
@@ -180,9 +181,32 @@ def add_health_route(
     app.add_api_route("/health/", health, methods=["GET"], tags=["health"])
 
 
+def state_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def state_engine(request: Request) -> AsyncEngine:
+    engine: AsyncEngine = request.app.state.engine
+    return engine
+
+
+def state_store(request: Request) -> EventStore:
+    store: EventStore = request.app.state.store
+    return store
+
+
+def state_redis(request: Request) -> redis.Redis:
+    client: redis.Redis = request.app.state.redis
+    return client
+
+
 @asynccontextmanager
 async def service_resources(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
-    """Open what every API process holds for its lifetime, on `app.state`."""
+    """Open what every API process holds for its lifetime, on `app.state`.
+
+    The `state_*` functions above read them back, as FastAPI dependencies.
+    """
     engine = create_engine(settings)
     app.state.settings = settings
     app.state.engine = engine
