@@ -25,6 +25,9 @@ run: setup
 
 test: install
 	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared command_api query_api projectors workers gateway
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
