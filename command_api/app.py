@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 
 from command_api import job_routes, token_routes, user_routes
 from shared.health import Check, postgres_check, redis_check
+from shared.logging import configure_logging
 from shared.metrics import MetricsMiddleware, add_metrics_route
 from shared.settings import Settings, get_settings
 from shared.web import (
@@ -21,7 +22,10 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    if settings is None:
+        # Called bare, as `uvicorn --factory` does, this is the process's start.
+        settings = get_settings()
+        configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ from query_api.job_waits import JobWaits
 from shared.checkpoints import lag_check, lags
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.jobs.messaging import worker_check
+from shared.logging import configure_logging
 from shared.metrics import (
     CONSUMER_LAG_EVENTS,
     CONSUMER_LAG_SECONDS,
@@ -26,7 +27,10 @@ from shared.web import (
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    if settings is None:
+        # Called bare, as `uvicorn --factory` does, this is the process's start.
+        settings = get_settings()
+        configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
