@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from command_api.app import create_app as create_command_app
 from gateway.app import Gateway
 from query_api.app import create_app as create_query_app
+from shared.settings import Settings
 
 CONTRACT = {
     ("POST", "/api/v1/token"),
@@ -27,7 +28,8 @@ CONTRACT = {
 
 
 def gateway() -> Gateway:
-    return Gateway(create_command_app(), create_query_app())
+    settings = Settings()
+    return Gateway(create_command_app(settings), create_query_app(settings))
 
 
 def test_the_merged_schema_lists_every_route_of_the_contract():
