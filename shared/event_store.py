@@ -323,7 +323,12 @@ class EventStore:
             already_stored=True,
         )
 
-    async def _fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    async def _fetch(
+        self, sql: str, params: Any = None, connection: AsyncConnection | None = None
+    ) -> list[tuple[Any, ...]]:
+        if connection is not None:
+            cursor = await (await driver_connection(connection)).execute(sql, params)
+            return await cursor.fetchall()
         async with connect(self.engine) as connection:
             driver = await driver_connection(connection)
             cursor = await driver.execute(sql, params)
@@ -339,16 +344,26 @@ class EventStore:
         return int(version)
 
     async def read_stream(
-        self, stream_id: str, *, from_version: int = 1, limit: int | None = None
+        self,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        limit: int | None = None,
+        connection: AsyncConnection | None = None,
     ) -> list[RecordedEvent]:
-        """Events of one stream in version order, from `from_version` on."""
+        """Events of one stream in version order, from `from_version` on.
+
+        Pass `connection` to read on a connection the caller already holds (in
+        its transaction, if it has one) instead of one from the pool.
+        """
         sql = (
             f"SELECT {_COLUMNS} FROM events"
             " WHERE stream_id = %(stream_id)s AND version >= %(from_version)s"
             " ORDER BY version LIMIT %(limit)s"
         )
         params = {"stream_id": stream_id, "from_version": from_version, "limit": limit}
-        return [self._recorded(row) for row in await self._fetch(sql, params)]
+        rows = await self._fetch(sql, params, connection)
+        return [self._recorded(row) for row in rows]
 
     async def read_all(
         self,

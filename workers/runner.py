@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import connect
 from shared.errors import HelixError, InvalidEventData, NotFound, WrongExpectedVersion
@@ -110,15 +110,16 @@ class JobRunner:
     async def run(self, job_id: UUID) -> Outcome:
         """Handle one delivery of job `job_id`; see the module docstring."""
         stream = job_stream(job_id)
-        async with self._job_lock(stream) as locked:
-            if not locked:
+        async with self._job_lock(stream) as session:
+            if session is None:
                 log.info("job is running elsewhere", extra={"job_id": str(job_id)})
                 return "busy"
-            return await self._run_locked(stream)
+            return await self._run_locked(stream, session)
 
-    async def _run_locked(self, stream: str) -> Outcome:
+    async def _run_locked(self, stream: str, session: AsyncConnection) -> Outcome:
         for _ in range(MAX_CONFLICTS):
-            state = await self._load(stream)
+            # Read on the session that holds the lock: no second connection.
+            state = await self._load(stream, session)
             if state.terminal:
                 return "finished"
             if state.cancel_requested:
@@ -307,8 +308,11 @@ class JobRunner:
             return False
         return bool(retry_on) and isinstance(error, retry_on)
 
-    async def _load(self, stream: str) -> JobState:
-        return JobState.from_events(await self.store.read_stream(stream))
+    async def _load(
+        self, stream: str, connection: AsyncConnection | None = None
+    ) -> JobState:
+        events = await self.store.read_stream(stream, connection=connection)
+        return JobState.from_events(events)
 
     async def _refresh(self, state: JobState) -> JobState:
         newer = await self.store.read_stream(
@@ -338,10 +342,13 @@ class JobRunner:
         return appended.version
 
     @asynccontextmanager
-    async def _job_lock(self, stream: str) -> AsyncIterator[bool]:
-        # A session-level lock on an autocommit connection: it holds no snapshot
-        # and no transaction, so it never holds back the log's read horizon, and
-        # PostgreSQL frees it when the session ends, however the worker died.
+    async def _job_lock(self, stream: str) -> AsyncIterator[AsyncConnection | None]:
+        """The session holding the job's lock, or None if another one holds it.
+
+        A session-level lock on an autocommit connection: it holds no snapshot
+        and no transaction, so it never holds back the log's read horizon, and
+        PostgreSQL frees it when the session ends, however the worker died.
+        """
         key = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
         unlock = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
         async with connect(self.engine) as connection:
@@ -350,7 +357,7 @@ class JobRunner:
                 (await connection.exec_driver_sql(key, (stream,))).scalar_one()
             )
             try:
-                yield locked
+                yield connection if locked else None
             finally:
                 if locked:
                     try:
