@@ -27,11 +27,17 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.framework import Projection, apply_batch, catch_up
+from projectors.framework import (
+    Projection,
+    apply_in_transaction,
+    catch_up,
+    checkpoint_name,
+)
 from projectors.relay import PREVIOUS_HEADER, declare_exchange, parse_position
-from shared.checkpoints import checkpoint
+from shared.checkpoints import read_checkpoint
+from shared.db import transaction
 from shared.errors import UnknownEventType
-from shared.event_store import EventStore, LogPosition, RecordedEvent
+from shared.event_store import LOG_START, EventStore, LogPosition, RecordedEvent
 from shared.events import registry as default_registry
 from shared.events.registry import EventRegistry
 from shared.settings import Settings
@@ -188,18 +194,25 @@ class ProjectionConsumer:
         if not received:
             return
 
-        current = await checkpoint(self.engine, self.projection.name)
-        fresh = [received[key] for key in sorted(received) if key > current]
-        if not fresh:
-            return
-        expected = current
-        contiguous = True
-        for event, follows in fresh:
-            contiguous = contiguous and follows == expected
-            expected = event.log_position
-        if contiguous:
-            await apply_batch(self.engine, self.projection, [e for e, _ in fresh])
-            return
+        # One transaction from the checkpoint read to the commit: the checkpoint is
+        # locked, so the batch is judged against the value it is applied on, and
+        # the common case costs one connection and no separate read.
+        async with transaction(self.engine) as connection:
+            name = checkpoint_name(self.projection)
+            current = await read_checkpoint(connection, name, for_update=True)
+            current = current or LOG_START
+            fresh = [received[key] for key in sorted(received) if key > current]
+            if not fresh:
+                return
+            expected = current
+            contiguous = True
+            for event, follows in fresh:
+                contiguous = contiguous and follows == expected
+                expected = event.log_position
+            if contiguous:
+                events = [e for e, _ in fresh]
+                await apply_in_transaction(connection, self.projection, events)
+                return
         self.filled_from_store += 1
         await catch_up(
             self.engine,
