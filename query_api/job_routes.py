@@ -7,13 +7,14 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from psycopg.rows import dict_row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from query_api.consistency import consistent_read
 from query_api.dependencies import CurrentUser, Engine
 from query_api.job_waits import JobWaits
 from shared.auth import Principal
-from shared.db import connect
+from shared.db import connect, fetch
 from shared.errors import NotFound
 from shared.jobs.state import TERMINAL_STATUSES, JobStatus
 from shared.jobs.views import JobList, JobOut
@@ -39,12 +40,13 @@ def _waits(request: Request) -> JobWaits:
 
 
 async def _read_job(engine: AsyncEngine, job_id: UUID) -> dict[str, Any] | None:
-    async with connect(engine) as connection:
-        result = await connection.exec_driver_sql(
-            f"SELECT {_COLUMNS} FROM job_statuses WHERE id = %(id)s", {"id": job_id}
-        )
-        row = result.mappings().one_or_none()
-    return dict(row) if row else None
+    rows = await fetch(
+        engine,
+        f"SELECT {_COLUMNS} FROM job_statuses WHERE id = %(id)s",
+        {"id": job_id},
+        row_factory=dict_row,
+    )
+    return rows[0] if rows else None
 
 
 def _visible(row: dict[str, Any] | None, principal: Principal) -> bool:
@@ -62,8 +64,9 @@ async def read_job(
 ) -> Any:
     """A job (owner or superuser); `wait=S` answers once it finishes, or after S s."""
     deadline = time.monotonic() + wait
-    row = await _read_job(engine, job_id)
-    if wait and (row is None or row["status"] not in TERMINAL_STATUSES):
+    if not wait:
+        row = await _read_job(engine, job_id)
+    else:
         # Watch, and clear the wake-up, before each look: a change that lands
         # between the look and the wait still wakes us.
         with _waits(request).watch(job_id) as woken:

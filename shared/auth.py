@@ -31,7 +31,7 @@ from fastapi.security import OAuth2PasswordBearer
 from passlib.context import CryptContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import connect
+from shared.db import fetch
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -154,15 +154,16 @@ async def load_principal(
     """The caller behind `token`, if the token is valid and the account active."""
     claims = decode_access_token(settings, token)
     user_id = uuid.UUID(str(claims["sub"]))
-    async with connect(engine) as connection:
-        result = await connection.exec_driver_sql(_ACCOUNT, {"user_id": user_id})
-        row = result.one_or_none()
-    if row is None or not row.is_active:
+    rows = await fetch(engine, _ACCOUNT, {"user_id": user_id})
+    if not rows:
+        raise InvalidToken("the account is not active")
+    is_active, is_superuser, tokens_valid_after = rows[0]
+    if not is_active:
         raise InvalidToken("the account is not active")
     issued_at = datetime.fromtimestamp(float(claims["iat"]), UTC)
-    if row.tokens_valid_after is not None and issued_at <= row.tokens_valid_after:
+    if tokens_valid_after is not None and issued_at <= tokens_valid_after:
         raise InvalidToken("the token was issued before the account was deactivated")
-    return Principal(user_id=user_id, is_superuser=bool(row.is_superuser))
+    return Principal(user_id=user_id, is_superuser=bool(is_superuser))
 
 
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}

@@ -2,8 +2,10 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
+from psycopg.rows import RowFactory, tuple_row
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -101,3 +103,27 @@ async def driver_connection(connection: AsyncConnection) -> psycopg.AsyncConnect
     driver = raw.driver_connection
     assert isinstance(driver, psycopg.AsyncConnection)
     return driver
+
+
+async def fetch(
+    engine: AsyncEngine,
+    sql: str,
+    params: Any = None,
+    *,
+    row_factory: RowFactory[Any] | None = None,
+) -> list[Any]:
+    """The rows of one read-only statement, run in autocommit on a pooled connection.
+
+    For hot reads (a token's account, a job's row). One statement is consistent on
+    its own, so it needs no transaction: autocommit saves the BEGIN and ROLLBACK
+    round trips, and the driver's rows skip SQLAlchemy's result processing.
+    """
+    async with connect(engine) as connection:
+        driver = await driver_connection(connection)
+        await driver.set_autocommit(True)
+        try:
+            cursor = driver.cursor(row_factory=row_factory or tuple_row)
+            await cursor.execute(sql, params)
+            return await cursor.fetchall()
+        finally:
+            await driver.set_autocommit(False)

@@ -27,7 +27,13 @@ import psycopg
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import AFTER_COMMIT, connect, driver_connection, is_unavailable
+from shared.db import (
+    AFTER_COMMIT,
+    connect,
+    driver_connection,
+    fetch,
+    is_unavailable,
+)
 from shared.errors import (
     DuplicateEventId,
     StoreUnavailable,
@@ -329,12 +335,9 @@ class EventStore:
         if connection is not None:
             cursor = await (await driver_connection(connection)).execute(sql, params)
             return await cursor.fetchall()
-        async with connect(self.engine) as connection:
-            driver = await driver_connection(connection)
-            cursor = await driver.execute(sql, params)
-            rows = await cursor.fetchall()
-            await driver.rollback()
-            return rows
+        # One statement reads a consistent snapshot on its own: autocommit
+        # saves the BEGIN and ROLLBACK round trips.
+        return await fetch(self.engine, sql, params)
 
     async def stream_version(self, stream_id: str) -> int:
         [(version,)] = await self._fetch(
