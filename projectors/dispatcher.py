@@ -26,7 +26,7 @@ from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.relay import declare_exchange
-from shared.checkpoints import checkpoint, save_checkpoint
+from shared.checkpoints import checkpoint, read_checkpoint, save_checkpoint
 from shared.db import create_engine, transaction
 from shared.event_store import EventStore, LogPosition
 from shared.jobs.messaging import RUN_JOB_TASK, celery_app
@@ -164,9 +164,6 @@ class Dispatcher:
 
     async def _save(self, position: LogPosition) -> None:
         async with transaction(self.engine) as connection:
-            await connection.exec_driver_sql(
-                "SELECT 1 FROM checkpoints WHERE name = %s FOR UPDATE", (CHECKPOINT,)
-            )
             current = await checkpoint_in(connection)
             if position > current:
                 await save_checkpoint(connection, CHECKPOINT, position)
@@ -193,14 +190,9 @@ class Dispatcher:
 
 
 async def checkpoint_in(connection: Any) -> LogPosition:
-    row = (
-        await connection.exec_driver_sql(
-            "SELECT transaction_id::text::bigint, position FROM checkpoints"
-            " WHERE name = %s",
-            (CHECKPOINT,),
-        )
-    ).first()
-    return LogPosition(row[0], row[1]) if row else LogPosition(0, 0)
+    """The dispatcher's checkpoint, locked until the transaction ends."""
+    position = await read_checkpoint(connection, CHECKPOINT, for_update=True)
+    return position or LogPosition(0, 0)
 
 
 def _task_for(envelope: dict[str, Any]) -> dict[str, Any]:
