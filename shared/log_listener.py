@@ -27,9 +27,15 @@ async def notify_tailers(driver: psycopg.AsyncConnection) -> None:
     transaction that writes nothing, so it does not wait for a flush either.
     """
     try:
-        await driver.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
-        if not driver.autocommit:
-            await driver.commit()
+        if driver.autocommit:
+            await driver.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+        else:
+            # Autocommit for this one statement: no BEGIN and COMMIT round trips.
+            await driver.set_autocommit(True)
+            try:
+                await driver.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+            finally:
+                await driver.set_autocommit(False)
     except psycopg.Error as exc:
         # Only a hint: tailers poll, so a lost wake-up costs latency, nothing else.
         log.warning("could not notify tailers", extra={"error": str(exc)})
