@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 PREVIOUS_HEADER = "previous"
 RECHECK_S = 0.005
 SAVE_EVERY_S = 0.5
+SAVE_IDLE_S = 0.05
 # Any fixed number will do: advisory locks are per database.
 RELAY_LOCK_KEY = 0x48454C49585245  # "HELIXRE"
 _BROKER_ERRORS = (
@@ -157,7 +158,7 @@ class Relay:
                 (RELAY,),
             )
         position = saved = await checkpoint(self.engine, RELAY)
-        saved_at = time.monotonic()
+        saved_at = published_at = time.monotonic()
         poll_s = self.settings.tail_poll_interval_s
         recheck_s = poll_s
         listener = LogListener(self.settings.psycopg_dsn)
@@ -168,7 +169,10 @@ class Relay:
                 await lock.execute("SELECT 1")
                 events = await self.store.read_all(position, limit=self.batch_size)
                 if not events:
-                    if position != saved:
+                    # Saved once idle a moment, not each time the log runs dry:
+                    # under a steady trickle that would be a commit per batch.
+                    idle_s = time.monotonic() - published_at
+                    if position != saved and idle_s >= SAVE_IDLE_S:
                         await self._save(position)
                         saved, saved_at = position, time.monotonic()
                     # A commit may still sit above the read horizon when its
@@ -182,6 +186,7 @@ class Relay:
                 if not await self._publish_with_retries(events, position, stopping):
                     return
                 position = events[-1].log_position
+                published_at = time.monotonic()
                 # Saved when idle or every so often, not per batch: a crash in
                 # between only publishes some events again, which consumers skip.
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:
