@@ -165,9 +165,11 @@ class Relay:
         await listener.start()
         try:
             while not stopping.is_set():
-                # A broken lock connection means another relay may be active now.
-                await lock.execute("SELECT 1")
-                events = await self.store.read_all(position, limit=self.batch_size)
+                # Read on the lock's session: a broken one (another relay may be
+                # active now) fails the read, and the pool is not needed.
+                events = await self.store.read_all(
+                    position, limit=self.batch_size, connection=lock
+                )
                 if not events:
                     # Saved once idle a moment, not each time the log runs dry:
                     # under a steady trickle that would be a commit per batch.

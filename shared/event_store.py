@@ -330,10 +330,15 @@ class EventStore:
         )
 
     async def _fetch(
-        self, sql: str, params: Any = None, connection: AsyncConnection | None = None
+        self,
+        sql: str,
+        params: Any = None,
+        connection: AsyncConnection | psycopg.AsyncConnection | None = None,
     ) -> list[tuple[Any, ...]]:
         if connection is not None:
-            cursor = await (await driver_connection(connection)).execute(sql, params)
+            if isinstance(connection, AsyncConnection):
+                connection = await driver_connection(connection)
+            cursor = await connection.execute(sql, params)
             return await cursor.fetchall()
         # One statement reads a consistent snapshot on its own: autocommit
         # saves the BEGIN and ROLLBACK round trips.
@@ -376,12 +381,15 @@ class EventStore:
         categories: Sequence[str] | None = None,
         types: Sequence[str] | None = None,
         until: LogPosition | None = None,
+        connection: AsyncConnection | psycopg.AsyncConnection | None = None,
     ) -> list[RecordedEvent]:
         """The next `limit` events of the log after `after`, in log order.
 
         Only committed events below the xmin horizon are returned, so calling
         again from the last one returned never skips an event. `until` stops at
         a position (inclusive), for a reader that catches up to a known point.
+        `connection`, if given, is one the caller holds (a driver connection in
+        autocommit, or a SQLAlchemy one in its transaction) instead of the pool's.
         """
         filters = [
             _HORIZON,
@@ -406,7 +414,8 @@ class EventStore:
             f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(filters)}"
             f" ORDER BY transaction_id, position LIMIT {int(limit)}"
         )
-        return [self._recorded(row) for row in await self._fetch(sql, params)]
+        rows = await self._fetch(sql, params, connection)
+        return [self._recorded(row) for row in rows]
 
     async def head(self) -> LogPosition:
         """The last event a reader of the log can see now (LOG_START if none)."""
