@@ -12,7 +12,7 @@ from shared.settings import Settings
 from shared.web import state_engine, state_redis, state_settings, state_store
 
 
-def _hasher(request: Request) -> PasswordHasher:
+async def _hasher(request: Request) -> PasswordHasher:
     state = request.app.state
     if not hasattr(state, "password_hasher"):
         state.password_hasher = PasswordHasher.for_settings(state.settings)

@@ -181,22 +181,24 @@ def add_health_route(
     app.add_api_route("/health/", health, methods=["GET"], tags=["health"])
 
 
-def state_settings(request: Request) -> Settings:
+# These are coroutines on purpose: FastAPI runs a plain `def` dependency in its
+# thread pool, a thread hop per dependency per request for an attribute read.
+async def state_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def state_engine(request: Request) -> AsyncEngine:
+async def state_engine(request: Request) -> AsyncEngine:
     engine: AsyncEngine = request.app.state.engine
     return engine
 
 
-def state_store(request: Request) -> EventStore:
+async def state_store(request: Request) -> EventStore:
     store: EventStore = request.app.state.store
     return store
 
 
-def state_redis(request: Request) -> redis.Redis:
+async def state_redis(request: Request) -> redis.Redis:
     client: redis.Redis = request.app.state.redis
     return client
 
