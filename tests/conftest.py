@@ -1,5 +1,6 @@
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -8,6 +9,7 @@ from shared.event_store import EventStore
 from shared.settings import Settings
 from tests import databases
 from tests.stack import settings_for
+from tests.user_api import gateway_client, settings_with_own_superuser
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +42,16 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def store(engine: AsyncEngine) -> EventStore:
     return EventStore(engine)
+
+
+@pytest.fixture
+def app_settings(settings: Settings) -> Settings:
+    """The test's settings, with a first superuser of its own."""
+    return settings_with_own_superuser(settings)
+
+
+@pytest.fixture
+async def client(app_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """Both APIs in this process, behind the gateway, on the test's database."""
+    async with gateway_client(app_settings) as client:
+        yield client

@@ -7,13 +7,7 @@ import pytest
 
 from shared.event_store import EventStore
 from shared.jobs.state import job_stream
-from tests.user_api import bearer, gateway_client, register, sign_in, unique_email
-
-
-@pytest.fixture
-async def client(settings):
-    async with gateway_client(settings) as client:
-        yield client
+from tests.user_api import bearer, register, sign_in, unique_email
 
 
 async def new_user(client) -> dict[str, str]:

@@ -14,17 +14,11 @@ from tests.user_api import (
     bearer,
     gateway_client,
     register,
-    settings_with_own_superuser,
     sign_in,
     superuser_token,
     unique_email,
 )
 from workers.runner import JobRunner
-
-
-@pytest.fixture
-def app_settings(settings):
-    return settings_with_own_superuser(settings)
 
 
 @pytest.fixture

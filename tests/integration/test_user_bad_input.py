@@ -1,7 +1,6 @@
 """Bad input on the user and token routes: 401, 413 or 422 with a detail, never 500."""
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -13,24 +12,11 @@ from shared.settings import Settings
 from tests.user_api import (
     PASSWORD,
     bearer,
-    gateway_client,
     register,
-    settings_with_own_superuser,
     sign_in,
     superuser_token,
     unique_email,
 )
-
-
-@pytest.fixture
-def app_settings(settings: Settings) -> Settings:
-    return settings_with_own_superuser(settings)
-
-
-@pytest.fixture
-async def client(app_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_client(app_settings) as client:
-        yield client
 
 
 @pytest.mark.parametrize(

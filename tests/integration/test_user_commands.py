@@ -1,7 +1,6 @@
 """User commands over HTTP against real PostgreSQL and Redis (both APIs in process)."""
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -22,17 +21,6 @@ from tests.user_api import (
     superuser_token,
     unique_email,
 )
-
-
-@pytest.fixture
-def app_settings(settings: Settings) -> Settings:
-    return settings_with_own_superuser(settings)
-
-
-@pytest.fixture
-async def client(app_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_client(app_settings) as client:
-        yield client
 
 
 async def test_registration_answers_201_with_location_position_and_etag(

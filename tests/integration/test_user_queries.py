@@ -21,16 +21,10 @@ from tests.user_api import (
     bearer,
     gateway_client,
     register,
-    settings_with_own_superuser,
     sign_in,
     superuser_token,
     unique_email,
 )
-
-
-@pytest.fixture
-def app_settings(settings: Settings) -> Settings:
-    return settings_with_own_superuser(settings)
 
 
 @pytest.fixture
