@@ -33,7 +33,12 @@ from projectors.framework import (
     catch_up,
     checkpoint_name,
 )
-from projectors.relay import PREVIOUS_HEADER, declare_exchange, parse_position
+from projectors.relay import (
+    PREVIOUS_HEADER,
+    declare_exchange,
+    parse_position,
+    raise_if_disconnected,
+)
 from shared.checkpoints import read_checkpoint
 from shared.db import transaction
 from shared.errors import UnknownEventType
@@ -152,10 +157,7 @@ class ProjectionConsumer:
             self.consuming.set()
             idle_s = 0.0
             while not stopping.is_set():
-                # A connection the broker closed is not `is_closed` (that means
-                # closed by us); it only stops being `connected`.
-                if connection.is_closed or not connection.connected.is_set():
-                    raise ConnectionError("RabbitMQ connection lost")
+                raise_if_disconnected(connection)
                 try:
                     first = await asyncio.wait_for(inbox.get(), 0.5)
                 except TimeoutError:

@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.relay import declare_exchange
+from projectors.relay import declare_exchange, raise_if_disconnected
 from shared.checkpoints import checkpoint, read_checkpoint, save_checkpoint
 from shared.db import create_engine, transaction
 from shared.event_store import EventStore, LogPosition
@@ -108,8 +108,7 @@ class Dispatcher:
             self.consuming.set()
             idle_s = 0.0
             while not stopping.is_set():
-                if connection.is_closed:
-                    raise ConnectionError("RabbitMQ connection closed")
+                raise_if_disconnected(connection)
                 try:
                     first = await asyncio.wait_for(inbox.get(), 0.5)
                 except TimeoutError:

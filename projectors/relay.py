@@ -86,6 +86,16 @@ async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExcha
     )
 
 
+def raise_if_disconnected(connection: AbstractConnection) -> None:
+    """Raise if RabbitMQ dropped `connection`, so the consumer reconnects.
+
+    A connection the broker closed is not `is_closed` (that means closed by us);
+    it only stops being `connected`.
+    """
+    if connection.is_closed or not connection.connected.is_set():
+        raise ConnectionError("RabbitMQ connection lost")
+
+
 class Relay:
     """Tails the log from the "relay" checkpoint and publishes it with confirms."""
 
