@@ -1,13 +1,14 @@
 """History of one user or job, and the audit trail: the log itself, read back.
 
-These read the `events` table, not a projection, so they are never behind. Items
-are ordered by global position and paged with `after` / `next_after`. Personal
-data inside user events is decrypted with the user's key, or shown as erased.
+These read the `events` table, not a projection, so they are never behind. Pages
+are cursored by the global position of the last item (`after` / `next_after`).
+Personal data inside user events is decrypted with the user's key, or shown as
+erased.
 
-TODO: positions commit out of order, so a client that tails the audit by
-`next_after` can miss an event whose transaction was still open when it read the
-page before. Browsing history is unaffected; a gapless tail would page by
-(transaction_id, position) as the projectors do.
+One stream's history is ordered by position. The audit is ordered as the log is
+read, by (transaction_id, position): positions commit out of order, and a client
+that tails the audit by `next_after` would otherwise miss an event whose
+transaction was still open when it read the page before.
 """
 
 from datetime import datetime
@@ -75,12 +76,14 @@ async def _page(
     params: dict[str, Any],
     limit: int,
     *,
-    below_horizon: bool = False,
+    log_order: bool = False,
 ) -> HistoryPage:
-    conditions = [_HORIZON, *filters] if below_horizon else filters
+    """One page by position, or in log order below the horizon."""
+    conditions = [_HORIZON, *filters] if log_order else filters
+    order = "transaction_id, position" if log_order else "position"
     sql = (
         f"{_SELECT} WHERE {' AND '.join(conditions)}"
-        f" ORDER BY position LIMIT {int(limit)}"
+        f" ORDER BY {order} LIMIT {int(limit)}"
     )
     rows = list((await connection.exec_driver_sql(sql, params)).all())
     owners = {row.position: user_id_of(row.stream_id) for row in rows}
@@ -169,8 +172,8 @@ async def audit(
     limit: Limit = DEFAULT_PAGE,
 ) -> HistoryPage:
     """The whole log, filtered: who did what, when (superuser)."""
-    filters = ["position > %(after)s"]
-    params: dict[str, Any] = {"after": after}
+    filters: list[str] = []
+    params: dict[str, Any] = {}
     if stream is not None:
         filters.append("stream_id = %(stream)s")
         params["stream"] = stream
@@ -193,4 +196,22 @@ async def audit(
         filters.append("recorded_at < %(until)s")
         params["until"] = until
     async with connect(engine) as connection:
-        return await _page(connection, filters, params, limit, below_horizon=True)
+        if after:
+            filters.append(
+                "(transaction_id, position) > (%(after_xid)s::xid8, %(after)s)"
+            )
+            params["after_xid"] = await _transaction_of(connection, after)
+            params["after"] = after
+        return await _page(connection, filters, params, limit, log_order=True)
+
+
+async def _transaction_of(connection: AsyncConnection, position: int) -> str:
+    """Where the audit resumes after `position`: that event's place in log order."""
+    result = await connection.exec_driver_sql(
+        "SELECT transaction_id::text FROM events WHERE position = %(position)s",
+        {"position": position},
+    )
+    transaction_id = result.scalar_one_or_none()
+    if transaction_id is None:
+        raise HTTPException(400, "after must be a position returned by a previous page")
+    return str(transaction_id)
