@@ -103,8 +103,13 @@ async def submit_job(
         "digest": submission.digest(),
     }
 
-    async with transaction(store.engine) as connection:
-        if idempotency_key is not None:
+    if idempotency_key is None:
+        # One statement on its own: concurrent submissions share a commit.
+        appended = await store.append(
+            job_stream(job_id), [event], expected_version=NO_STREAM, metadata=metadata
+        )
+    else:
+        async with transaction(store.engine) as connection:
             claimed = await connection.exec_driver_sql(_CLAIM_KEY, key_params)
             if claimed.first() is None:
                 existing = await connection.exec_driver_sql(_EXISTING_KEY, key_params)
@@ -114,15 +119,14 @@ async def submit_job(
                     raise IdempotencyKeyReused()
                 earlier = await load_job(store, earlier_job_id)
                 return JobResult(earlier, earlier.last_position, created=False)
-        appended = await store.append(
-            job_stream(job_id),
-            [event],
-            expected_version=NO_STREAM,
-            metadata=metadata,
-            connection=connection,
-        )
-        # now() is the transaction's start: the recorded_at of the event.
-        submitted_at = (await connection.exec_driver_sql("SELECT now()")).scalar_one()
+            appended = await store.append(
+                job_stream(job_id),
+                [event],
+                expected_version=NO_STREAM,
+                metadata=metadata,
+                connection=connection,
+            )
+    assert appended.recorded_at is not None  # a new stream: nothing stored before
 
     job = JobState(
         id=job_id,
@@ -131,7 +135,7 @@ async def submit_job(
         payload=event.payload,
         max_retries=event.max_retries,
         timeout_s=event.timeout_s,
-        submitted_at=submitted_at,
+        submitted_at=appended.recorded_at,
         last_position=appended.last_position,
     )
     log.info("job submitted", extra={"job_id": str(job_id), "task": event.task})

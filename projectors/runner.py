@@ -31,7 +31,8 @@ async def run(
     green, the old tables serving meanwhile) before their consumer starts.
     """
     projections = discover() if projections is None else projections
-    engine = create_engine(settings)
+    # Nothing here appends events: every write can be redone from the log.
+    engine = create_engine(settings, durable=False)
     try:
         stale = await ensure_created(engine, projections)
         store = EventStore(engine, registry)

@@ -13,7 +13,17 @@ from shared.errors import StoreUnavailable
 from shared.settings import Settings
 
 
-def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+def create_engine(
+    settings: Settings, *, pool_size: int | None = None, durable: bool = True
+) -> AsyncEngine:
+    """The pool of one process.
+
+    `durable=False` is for processes that write only what the log can rebuild
+    (read tables, checkpoints): their commits do not wait for the WAL flush. A
+    server crash may then undo their last moments of work, whole transactions
+    at a time and in commit order, and they redo it from their checkpoints.
+    """
+    options = {} if durable else {"options": "-c synchronous_commit=off"}
     return create_async_engine(
         settings.database_url,
         pool_size=pool_size or settings.database_pool_size,
@@ -26,6 +36,7 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         connect_args={
             "connect_timeout": max(1, int(settings.database_connect_timeout_s)),
             "application_name": "helixnet-core",
+            **options,
         },
     )
 

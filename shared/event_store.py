@@ -117,6 +117,9 @@ class AppendResult:
     version: int
     positions: list[int]
     already_stored: bool = False
+    # When the new events were recorded: the start of the appending transaction.
+    # None when they were stored already.
+    recorded_at: datetime | None = None
 
     @property
     def last_position(self) -> int:
@@ -167,7 +170,7 @@ WITH current AS (
     RETURNING version, position
 )
 SELECT current.version, stored.rows,
-       (SELECT array_agg(position ORDER BY version) FROM inserted)
+       (SELECT array_agg(position ORDER BY version) FROM inserted), now()
 FROM current, stored
 """
 
@@ -179,7 +182,8 @@ class EventStore:
 
     `append` is atomic: every event of the call lands, in one transaction, or none
     does. Pass `connection` to append inside a transaction the caller opened, so
-    that command-side rows (an email reservation, credentials) commit with them.
+    that command-side rows (an email reservation, credentials) commit with them,
+    or on a session of the caller's in autocommit mode, where it commits at once.
     """
 
     def __init__(self, engine: AsyncEngine, events: EventRegistry = registry) -> None:
@@ -214,6 +218,11 @@ class EventStore:
         params["expected_version"] = expected_version
         if connection is not None:
             result: AppendResult = await self._append(connection, params)
+            driver = await driver_connection(connection)
+            if driver.autocommit:
+                # No transaction around it: the statement has committed already.
+                await notify_tailers(driver)
+                return result
             # shared.db.transaction() runs these once the caller's transaction
             # has committed; until then there is nothing to wake tailers for.
             callbacks = connection.info.setdefault(AFTER_COMMIT, [])
@@ -304,13 +313,18 @@ class EventStore:
 
     def _resolve(self, params: dict[str, Any], outcome: Outcome) -> AppendResult:
         stream_id, expected_version = params["stream_id"], params["expected_version"]
-        current_version, stored, positions = outcome
+        current_version, stored, positions, recorded_at = outcome
 
         if stored:
             return self._already_stored(stream_id, params, stored)
         if positions is None:
             raise WrongExpectedVersion(stream_id, expected_version, current_version)
-        return AppendResult(stream_id, current_version + len(positions), positions)
+        return AppendResult(
+            stream_id,
+            current_version + len(positions),
+            positions,
+            recorded_at=recorded_at,
+        )
 
     @staticmethod
     def _already_stored(

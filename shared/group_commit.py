@@ -16,6 +16,7 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -63,14 +64,16 @@ WITH appends AS (
 )
 SELECT c.n, c.version, c.stored,
        (SELECT array_agg(i.position ORDER BY i.version) FROM inserted i
-         WHERE i.stream_id = c.stream_id)
+         WHERE i.stream_id = c.stream_id),
+       now()
 FROM checked c
 ORDER BY c.n
 """
 
 # What the statement reports of one append: the stream's version before it, the
-# rows already stored under its event ids, and the positions it was given.
-Outcome = tuple[int, list[list[Any]] | None, list[int] | None]
+# rows already stored under its event ids, the positions it was given, and the
+# statement's start (the new events' recorded_at, as the statement commits).
+Outcome = tuple[int, list[list[Any]] | None, list[int] | None, datetime]
 
 
 R = TypeVar("R")
@@ -184,11 +187,9 @@ class _Queue(Generic[R]):
             # Nothing of the batch was stored; let each append meet the error alone.
             await asyncio.gather(*(self._alone(item) for item in batch))
             return
-        for item, (_, version, stored, positions) in zip(batch, rows, strict=True):
+        for item, (_, *outcome) in zip(batch, rows, strict=True):
             try:
-                item.done.set_result(
-                    committer._resolve(item.params, (version, stored, positions))
-                )
+                item.done.set_result(committer._resolve(item.params, tuple(outcome)))
             except Exception as exc:
                 item.done.set_exception(exc)
 

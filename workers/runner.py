@@ -40,7 +40,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import connect
+from shared.db import connect, driver_connection
 from shared.errors import HelixError, InvalidEventData, NotFound, WrongExpectedVersion
 from shared.event_store import EventMetadata, EventStore
 from shared.events.job import (
@@ -124,7 +124,7 @@ class JobRunner:
                 return "finished"
             if state.cancel_requested:
                 cancelled = JobCancelled(attempt=state.attempts)
-                if await self._try_append(state, cancelled) is not None:
+                if await self._try_append(session, state, cancelled) is not None:
                     return "cancelled"
                 continue
             if (
@@ -140,16 +140,18 @@ class JobRunner:
                     message="the worker running the job was lost",
                     kind="worker_lost",
                 )
-                if await self._try_append(state, lost) is not None:
+                if await self._try_append(session, state, lost) is not None:
                     return "failed"
                 continue
             started = JobStarted(attempt=attempt, worker=self.worker_name)
-            outcome = await self._attempt(state, started)
+            outcome = await self._attempt(session, state, started)
             if outcome is not None:
                 return outcome
         raise WrongExpectedVersion(stream, None, -1)
 
-    async def _attempt(self, state: JobState, started: JobStarted) -> Outcome | None:
+    async def _attempt(
+        self, session: AsyncConnection, state: JobState, started: JobStarted
+    ) -> Outcome | None:
         """Run one attempt; None if the stream moved before it could start."""
         attempt = started.attempt
         context = JobContext()
@@ -157,15 +159,15 @@ class JobRunner:
             task_type = self.catalog.get(state.task)
         except UnknownTask as exc:
             ending = _Ending(error=JobError(str(exc)))
-            return await self._finish_quick(state, started, ending)
+            return await self._finish_quick(session, state, started, ending)
         future = asyncio.get_running_loop().run_in_executor(
             self.executor, task_type.run, state.payload, context
         )
         done, _ = await asyncio.wait({future}, timeout=min(QUICK_S, state.timeout_s))
         if done:
-            return await self._finish_quick(state, started, _ended(future))
+            return await self._finish_quick(session, state, started, _ended(future))
 
-        version = await self._try_append(state, started)
+        version = await self._try_append(session, state, started)
         if version is None:
             # A cancel came in before the start was recorded: decide again.
             context.stop("cancelled")
@@ -176,16 +178,20 @@ class JobRunner:
             extra={"job_id": str(state.id), "task": state.task, "attempt": attempt},
         )
         try:
-            ending, state = await self._watch(state, future, context)
+            ending, state = await self._watch(session, state, future, context)
         except BaseException:
             # The store went away mid-run: this delivery will be tried again, so
             # the handler must not go on running beside the next attempt.
             context.stop("the worker lost its connection to the store")
             raise
-        return await self._finish(state, attempt, ending)
+        return await self._finish(session, state, attempt, ending)
 
     async def _finish_quick(
-        self, state: JobState, started: JobStarted, ending: _Ending
+        self,
+        session: AsyncConnection,
+        state: JobState,
+        started: JobStarted,
+        ending: _Ending,
     ) -> Outcome | None:
         """Record a handler that ended at once: its start and end in one append.
 
@@ -197,12 +203,13 @@ class JobRunner:
         running = replace(state, status="STARTED", attempts=started.attempt)
         outcome, event = self._decide(running, started.attempt, ending)
         try:
-            version = await self._try_append(state, started, event)
+            version = await self._try_append(session, state, started, event)
         except InvalidEventData as exc:
             failed = JobFailed(
                 attempt=started.attempt, message=f"invalid result: {exc}"
             )
-            outcome, version = "failed", await self._try_append(state, started, failed)
+            version = await self._try_append(session, state, started, failed)
+            outcome = "failed"
         if version is None:
             return None
         log.info(
@@ -216,7 +223,11 @@ class JobRunner:
         return outcome
 
     async def _watch(
-        self, state: JobState, future: "asyncio.Future[Any]", context: JobContext
+        self,
+        session: AsyncConnection,
+        state: JobState,
+        future: "asyncio.Future[Any]",
+        context: JobContext,
     ) -> tuple[_Ending, JobState]:
         """Wait for a running handler: stop it on cancel or timeout, record progress."""
         ending = _Ending()
@@ -233,7 +244,7 @@ class JobRunner:
                     # The handler ignores its stop; its result will be ignored too.
                     break
                 continue
-            state = await self._refresh(state)
+            state = await self._refresh(session, state)
             if state.cancel_requested:
                 ending.cancelled = True
             elif now >= deadline:
@@ -246,25 +257,27 @@ class JobRunner:
             if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
                 last_progress = now
                 event = JobProgressed(attempt=state.attempts, progress=progress)
-                await self._try_append(state, event)
+                await self._try_append(session, state, event)
 
         if future.done() and not (ending.cancelled or ending.timed_out):
             ending = _ended(future)
 
         return ending, state
 
-    async def _finish(self, state: JobState, attempt: int, ending: _Ending) -> Outcome:
+    async def _finish(
+        self, session: AsyncConnection, state: JobState, attempt: int, ending: _Ending
+    ) -> Outcome:
         outcome, event = self._decide(state, attempt, ending)
         for _ in range(MAX_CONFLICTS):
             try:
-                if await self._try_append(state, event) is not None:
+                if await self._try_append(session, state, event) is not None:
                     break
             except InvalidEventData as exc:
                 # A result that is not JSON cannot be stored: the job fails instead.
                 outcome = "failed"
                 event = JobFailed(attempt=attempt, message=f"invalid result: {exc}")
                 continue
-            state = await self._load(job_stream(state.id))
+            state = await self._load(job_stream(state.id), session)
             if state.terminal:
                 return "finished"
         log.info(
@@ -314,17 +327,20 @@ class JobRunner:
         events = await self.store.read_stream(stream, connection=connection)
         return JobState.from_events(events)
 
-    async def _refresh(self, state: JobState) -> JobState:
+    async def _refresh(self, session: AsyncConnection, state: JobState) -> JobState:
         newer = await self.store.read_stream(
-            job_stream(state.id), from_version=state.version + 1
+            job_stream(state.id), from_version=state.version + 1, connection=session
         )
         for recorded in newer:
             state = state.apply(recorded)
         return state
 
-    async def _try_append(self, state: JobState, *events: DomainEvent) -> int | None:
-        """Append at the version in `state`: the new version, or None if the
-        stream moved meanwhile."""
+    async def _try_append(
+        self, session: AsyncConnection, state: JobState, *events: DomainEvent
+    ) -> int | None:
+        """Append at the version in `state`, on the job's locked session (in
+        autocommit: the append is its own transaction); the new version, or
+        None if the stream moved meanwhile."""
         metadata = EventMetadata(
             source="workers",
             correlation_id=state.correlation_id,
@@ -336,6 +352,7 @@ class JobRunner:
                 list(events),
                 expected_version=state.version,
                 metadata=metadata,
+                connection=session,
             )
         except WrongExpectedVersion:
             return None
@@ -353,15 +370,15 @@ class JobRunner:
         unlock = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
         async with connect(self.engine) as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            locked = bool(
-                (await connection.exec_driver_sql(key, (stream,))).scalar_one()
-            )
+            driver = await driver_connection(connection)
+            row = await (await driver.execute(key, (stream,))).fetchone()
+            locked = bool(row and row[0])
             try:
                 yield connection if locked else None
             finally:
                 if locked:
                     try:
-                        await connection.exec_driver_sql(unlock, (stream,))
+                        await driver.execute(unlock, (stream,))
                     except Exception:
                         # Never hand a session that may still hold the lock back
                         # to the pool.

@@ -39,7 +39,7 @@ CLIENTS = 16
 PASSWORD = "correct horse battery"
 WORKER_CONCURRENCY = 2
 # Jobs mostly wait on PostgreSQL, so more processes than cores pay off.
-JOB_WORKER_CONCURRENCY = 8
+JOB_WORKER_CONCURRENCY = 4
 
 
 class BenchStack(ServiceStack):

@@ -107,3 +107,37 @@ async def test_a_published_retry_is_dispatched_with_its_eta(
 
     assert args == [str(job_id)]
     assert datetime.fromisoformat(headers["eta"]) == retry_at
+
+
+async def test_each_task_is_announced_to_flower_with_a_task_sent_event(
+    store, settings, engine, tasks
+):
+    """Flower learns of a task when it is sent, as from Celery's own client."""
+    connection = await aio_pika.connect(settings.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.declare_exchange(
+            "celeryev", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        watcher = await channel.declare_queue(exclusive=True)
+        await watcher.bind(events, "task.sent")
+        job_id = await submit(store)
+        stopping = asyncio.Event()
+        running = asyncio.create_task(Dispatcher(settings, engine).run(stopping))
+        try:
+            headers, _ = await asyncio.wait_for(tasks.get(), 30)
+            async with asyncio.timeout(30):
+                async for message in watcher.iterator():
+                    sent = json.loads(message.body)
+                    if sent["uuid"] == headers["id"]:
+                        break
+        finally:
+            stopping.set()
+            await asyncio.wait_for(running, 30)
+
+    assert sent["type"] == "task-sent"
+    assert sent["name"] == RUN_JOB_TASK
+    assert sent["args"] == repr([str(job_id)])
+    assert sent["queue"] == settings.jobs_queue
+    assert sent["hostname"].startswith("dispatcher@")
+    assert isinstance(sent["clock"], int) and sent["timestamp"] > 0
