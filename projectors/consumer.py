@@ -42,7 +42,7 @@ from projectors.relay import (
 from shared.checkpoints import read_checkpoint
 from shared.db import transaction
 from shared.errors import UnknownEventType
-from shared.event_store import LOG_START, EventStore, LogPosition, RecordedEvent
+from shared.event_store import EventStore, LogPosition, RecordedEvent
 from shared.events import registry as default_registry
 from shared.events.registry import EventRegistry
 from shared.settings import Settings
@@ -201,8 +201,10 @@ class ProjectionConsumer:
         # the common case costs one connection and no separate read.
         async with transaction(self.engine) as connection:
             name = checkpoint_name(self.projection)
-            current = await read_checkpoint(connection, name, for_update=True)
-            current = current or LOG_START
+            locked = await read_checkpoint(connection, name, for_update=True)
+            if locked is None:
+                raise LookupError(f"no checkpoint {name}; run ensure_created first")
+            current = locked
             fresh = [received[key] for key in sorted(received) if key > current]
             if not fresh:
                 return
@@ -213,7 +215,9 @@ class ProjectionConsumer:
                 expected = event.log_position
             if contiguous:
                 events = [e for e, _ in fresh]
-                await apply_in_transaction(connection, self.projection, events)
+                await apply_in_transaction(
+                    connection, self.projection, events, locked=locked
+                )
                 return
         self.filled_from_store += 1
         await catch_up(

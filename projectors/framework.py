@@ -459,16 +459,22 @@ async def apply_in_transaction(
     through: LogPosition | None = None,
     generation: int | None = None,
     tables: Mapping[str, str] | None = None,
+    locked: LogPosition | None = None,
 ) -> LogPosition:
     """Apply `events` and move the checkpoint, in the caller's transaction.
 
     Locks the checkpoint (of the live tables, or of `generation`), drops the events
     at or below it, applies the rest and moves it to the last one, or to `through`
     if that is further: the caller read the log up to `through` and found nothing
-    else this projection handles. Returns the new checkpoint.
+    else this projection handles. Returns the new checkpoint. `locked` is the
+    checkpoint as the caller already read it FOR UPDATE in this transaction.
     """
     name = checkpoint_name(projection, generation)
-    current = await read_checkpoint(connection, name, for_update=True)
+    current = (
+        locked
+        if locked is not None
+        else await read_checkpoint(connection, name, for_update=True)
+    )
     if current is None:
         raise LookupError(f"no checkpoint {name}; run ensure_created first")
     fresh = [event for event in events if event.log_position > current]

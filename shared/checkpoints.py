@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import connect
+from shared.db import connect, driver_connection
 from shared.event_store import LOG_START, LogPosition
 
 RELAY = "relay"
@@ -46,14 +46,17 @@ async def read_checkpoint(
         "SELECT transaction_id::text::bigint, position FROM checkpoints"
         " WHERE name = %s" + (" FOR UPDATE" if for_update else "")
     )
-    row: Any = (await connection.exec_driver_sql(sql, (name,))).first()
+    # On the driver: projectors read and write checkpoints once a batch.
+    driver = await driver_connection(connection)
+    row = await (await driver.execute(sql, (name,))).fetchone()
     return LogPosition(row[0], row[1]) if row else None
 
 
 async def save_checkpoint(
     connection: AsyncConnection, name: str, position: LogPosition
 ) -> None:
-    await connection.exec_driver_sql(
+    driver = await driver_connection(connection)
+    await driver.execute(
         "INSERT INTO checkpoints (name, transaction_id, position, updated_at)"
         " VALUES (%s, %s::text::xid8, %s, now())"
         " ON CONFLICT (name) DO UPDATE SET transaction_id = excluded.transaction_id,"

@@ -15,7 +15,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from psycopg.rows import dict_row
+
 from projectors.framework import Projection, ProjectionTx
+from shared.db import driver_connection
 from shared.event_store import RecordedEvent
 
 JOBS_CHANNEL = "helix_jobs"
@@ -140,13 +143,13 @@ def apply_event(row: Row, event: RecordedEvent) -> Row:
 async def apply_job_events(tx: ProjectionTx, events: Sequence[RecordedEvent]) -> None:
     table = tx.table("job_statuses")
     job_ids = list(dict.fromkeys(_job_id(event) for event in events))
-    result = await tx.connection.exec_driver_sql(
+    driver = await driver_connection(tx.connection)
+    cursor = driver.cursor(row_factory=dict_row)
+    await cursor.execute(
         f"SELECT {', '.join(COLUMNS)} FROM {table} WHERE id = ANY(%s::uuid[])",
         (job_ids,),
     )
-    rows: dict[str, Row] = {
-        str(row["id"]): dict(row) for row in result.mappings().all()
-    }
+    rows: dict[str, Row] = {str(row["id"]): row for row in await cursor.fetchall()}
 
     changed: dict[str, Row] = {}
     woken: set[str] = set()
@@ -168,18 +171,21 @@ async def apply_job_events(tx: ProjectionTx, events: Sequence[RecordedEvent]) ->
         return
 
     updates = ", ".join(f"{name} = excluded.{name}" for name in COLUMNS if name != "id")
-    await tx.connection.exec_driver_sql(
-        f"INSERT INTO {table} ({', '.join(COLUMNS)})"
+    # The rows and the wake-ups in one statement: one round trip a batch.
+    await driver.execute(
+        f"WITH written AS (INSERT INTO {table} ({', '.join(COLUMNS)})"
         f" SELECT {', '.join(COLUMNS)}"
         f" FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb)"
-        f" ON CONFLICT (id) DO UPDATE SET {updates}",
-        (json.dumps(list(changed.values()), default=_json_value),),
+        f" ON CONFLICT (id) DO UPDATE SET {updates} RETURNING id)"
+        " SELECT count(*) FROM written"
+        " UNION ALL SELECT count(pg_notify(%s, job_id))"
+        " FROM unnest(%s::text[]) AS job_id",
+        (
+            json.dumps(list(changed.values()), default=_json_value),
+            JOBS_CHANNEL,
+            sorted(woken),
+        ),
     )
-    if woken:
-        await tx.connection.exec_driver_sql(
-            "SELECT pg_notify(%s, job_id) FROM unnest(%s::text[]) AS job_id",
-            (JOBS_CHANNEL, sorted(woken)),
-        )
 
 
 def _json_value(value: Any) -> str:
