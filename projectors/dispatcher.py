@@ -45,13 +45,17 @@ from projectors.relay import declare_exchange, raise_if_disconnected
 from shared.checkpoints import checkpoint, read_checkpoint, save_checkpoint
 from shared.db import create_engine, transaction
 from shared.event_store import EventStore, LogPosition
-from shared.jobs.messaging import RUN_JOB_TASK, celery_app
+from shared.jobs.messaging import (
+    DISPATCHED_TYPES,
+    DISPATCHER,
+    RUN_JOB_TASK,
+    celery_app,
+)
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "dispatcher"
-DISPATCHED_TYPES = ("JobSubmitted", "JobRetryScheduled")
+CHECKPOINT = DISPATCHER
 PREFETCH = 500
 BATCH_SIZE = 200
 IDLE_CATCH_UP_S = 5.0

@@ -11,6 +11,7 @@ projectors write through the same functions.
 """
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import connect, driver_connection
 from shared.event_store import LOG_START, LogPosition
+from shared.jobs.messaging import DISPATCHED_TYPES, DISPATCHER
 
 RELAY = "relay"
 
@@ -89,11 +91,16 @@ SELECT c.name, c.transaction_id::text::bigint, c.position,
 FROM checkpoints c
 LEFT JOIN projection_state s ON s.name = c.name
 CROSS JOIN LATERAL (
+    SELECT coalesce(s.event_types, ARRAY(
+        SELECT jsonb_array_elements_text(%(consumer_types)s::jsonb -> c.name)
+    )) AS types
+) consumes
+CROSS JOIN LATERAL (
     SELECT count(*) AS events, min(e.recorded_at) AS oldest
     FROM events e
     WHERE {_HORIZON}
       AND (e.transaction_id, e.position) > (c.transaction_id, c.position)
-      AND (s.name IS NULL OR e.type = ANY(s.event_types))
+      AND (c.name = %(relay)s OR e.type = ANY(consumes.types))
 ) behind
 WHERE c.name NOT LIKE '%%@%%' AND (%(names)s::text[] IS NULL OR c.name = ANY(%(names)s))
 ORDER BY c.name
@@ -103,10 +110,15 @@ ORDER BY c.name
 async def lags(engine: AsyncEngine, names: Sequence[str] | None = None) -> list[Lag]:
     """Lag of the relay and of each projection's live tables, in events and seconds.
 
-    A projection's lag counts only the event types it handles. Seconds are the age
+    A projection's lag counts only the event types it handles, the dispatcher's
+    only those it dispatches; the relay's counts every event. Seconds are the age
     of the oldest event it has yet to process (0 when it is caught up).
     """
-    params = {"names": list(names) if names is not None else None}
+    params = {
+        "names": list(names) if names is not None else None,
+        "relay": RELAY,
+        "consumer_types": json.dumps({DISPATCHER: DISPATCHED_TYPES}),
+    }
     async with connect(engine) as connection:
         rows: list[Any] = list((await connection.exec_driver_sql(_LAG, params)).all())
     return [

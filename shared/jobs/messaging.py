@@ -14,6 +14,9 @@ from kombu import Queue  # type: ignore[attr-defined]
 from shared.settings import Settings
 
 RUN_JOB_TASK = "helix.jobs.run"
+# The dispatcher's checkpoint, and the events it turns into tasks.
+DISPATCHER = "dispatcher"
+DISPATCHED_TYPES = ("JobSubmitted", "JobRetryScheduled")
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -10,9 +10,11 @@ import pytest
 
 from projectors.dispatcher import Dispatcher
 from projectors.relay import declare_exchange, routing_key
+from shared.checkpoints import create_checkpoint, lags
+from shared.db import transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobRetryScheduled, JobStarted, JobSubmitted
-from shared.jobs.messaging import RUN_JOB_TASK
+from shared.jobs.messaging import DISPATCHER, RUN_JOB_TASK
 from shared.jobs.state import job_stream
 
 META = EventMetadata(source="tests")
@@ -141,3 +143,24 @@ async def test_each_task_is_announced_to_flower_with_a_task_sent_event(
     assert sent["queue"] == settings.jobs_queue
     assert sent["hostname"].startswith("dispatcher@")
     assert isinstance(sent["clock"], int) and sent["timestamp"] > 0
+
+
+async def test_the_dispatchers_lag_counts_only_the_events_it_dispatches(store, engine):
+    async with transaction(engine) as connection:
+        await create_checkpoint(connection, DISPATCHER)
+    job_id = await submit(store)
+    await store.append(
+        job_stream(job_id),
+        [JobStarted(attempt=1, worker="w/1")],
+        expected_version=1,
+        metadata=META,
+    )
+    async with asyncio.timeout(30):
+        while True:
+            if len(await store.read_all()) == 2:
+                break
+            await asyncio.sleep(0.01)
+
+    (lag,) = await lags(engine, [DISPATCHER])
+
+    assert lag.events == 1
