@@ -1,11 +1,14 @@
 """The command API: every route that changes state appends events, nothing else."""
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
 from command_api import job_routes, token_routes, user_routes
+from command_api.job_commands import sweep_idempotency_keys_every
 from shared.health import Check, postgres_check, redis_check
 from shared.logging import configure_logging
 from shared.metrics import MetricsMiddleware, add_metrics_route
@@ -19,6 +22,7 @@ from shared.web import (
 )
 
 MAX_BODY_BYTES = 1024 * 1024
+KEY_SWEEP_INTERVAL_S = 3600.0
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,7 +34,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with service_resources(app, settings):
-            yield
+            sweeping = asyncio.create_task(
+                sweep_idempotency_keys_every(app.state.engine, KEY_SWEEP_INTERVAL_S),
+                name="idempotency-key-sweep",
+            )
+            try:
+                yield
+            finally:
+                sweeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeping
 
     app = FastAPI(
         title="HelixNet Core commands",

@@ -8,12 +8,15 @@ version it read: a worker that starts the job at the same moment makes one of th
 two appends fail, and the loser re-reads and decides again.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.auth import Principal
 from shared.db import transaction
@@ -59,8 +62,6 @@ class JobResult:
 
 # Take the key, or take it over once it is older than the window. No row back
 # means the key is live and belongs to an earlier request.
-# TODO: expired keys stay until reused; a periodic DELETE of rows older than the
-# window (index on created_at is there) would keep the table small.
 _CLAIM_KEY = f"""
 INSERT INTO job_idempotency_keys (owner_id, idempotency_key, job_id, request_digest)
 VALUES (%(owner_id)s, %(key)s, %(job_id)s, %(digest)s)
@@ -69,6 +70,10 @@ ON CONFLICT (owner_id, idempotency_key) DO UPDATE
       created_at = now()
   WHERE job_idempotency_keys.created_at < now() - interval '{IDEMPOTENCY_WINDOW}'
 RETURNING job_id
+"""
+_SWEEP_KEYS = f"""
+DELETE FROM job_idempotency_keys
+WHERE created_at < now() - interval '{IDEMPOTENCY_WINDOW}'
 """
 _EXISTING_KEY = """
 SELECT job_id, request_digest FROM job_idempotency_keys
@@ -185,3 +190,32 @@ async def cancel_job(
 
 async def load_job(store: EventStore, job_id: UUID) -> JobState:
     return JobState.from_events(await store.read_stream(job_stream(job_id)))
+
+
+async def sweep_idempotency_keys(engine: AsyncEngine) -> int:
+    """Delete the keys older than the window; how many went.
+
+    An expired key is taken over when it is used again anyway: this only keeps
+    the table from growing with keys nobody sends twice.
+    """
+    async with transaction(engine) as connection:
+        result = await connection.exec_driver_sql(_SWEEP_KEYS)
+    return int(result.rowcount)
+
+
+async def sweep_idempotency_keys_every(engine: AsyncEngine, interval_s: float) -> None:
+    """Sweep at start and then every `interval_s`, until cancelled.
+
+    Every command API process runs it; the DELETEs of several at once are
+    harmless. A sweep that fails (PostgreSQL away) is tried again next time.
+    """
+    while True:
+        try:
+            swept = await sweep_idempotency_keys(engine)
+            if swept:
+                log.info("expired idempotency keys deleted", extra={"count": swept})
+        except Exception as exc:
+            log.warning(
+                "could not delete expired idempotency keys", extra={"error": str(exc)}
+            )
+        await asyncio.sleep(interval_s)

@@ -5,9 +5,16 @@ import uuid
 
 import pytest
 
+from command_api.job_commands import sweep_idempotency_keys
 from shared.event_store import EventStore
 from shared.jobs.state import job_stream
-from tests.user_api import bearer, register, sign_in, unique_email
+from tests.user_api import (
+    bearer,
+    gateway_client,
+    register,
+    sign_in,
+    unique_email,
+)
 
 
 async def new_user(client) -> dict[str, str]:
@@ -166,6 +173,36 @@ async def test_an_idempotency_key_older_than_a_day_makes_a_new_job(client, engin
 
     assert second.status_code == 202
     assert second.json()["id"] != first.json()["id"]
+
+
+async def test_the_command_api_deletes_expired_idempotency_keys(
+    client, engine, app_settings
+):
+    auth = await new_user(client)
+    for key in ("old", "fresh"):
+        headers = {**auth, "Idempotency-Key": key}
+        await client.post("/api/v1/jobs/", json={"task": "echo"}, headers=headers)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(
+            "UPDATE job_idempotency_keys SET created_at = now() - interval '25 hours'"
+            " WHERE idempotency_key = 'old'"
+        )
+
+    # Each command API process sweeps when it starts, then every hour.
+    async with gateway_client(app_settings):
+        async with asyncio.timeout(30):
+            while True:
+                async with engine.connect() as connection:
+                    keys = (
+                        await connection.exec_driver_sql(
+                            "SELECT idempotency_key FROM job_idempotency_keys"
+                        )
+                    ).scalars()
+                    remaining = sorted(keys)
+                if remaining == ["fresh"]:
+                    break
+                await asyncio.sleep(0.05)
+    assert await sweep_idempotency_keys(engine) == 0
 
 
 async def test_cancelling_a_pending_job_revokes_it_at_once(client, store):
