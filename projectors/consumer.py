@@ -49,6 +49,8 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+COALESCE_TURNS = 4
+
 
 def queue_name(settings: Settings, projection: Projection) -> str:
     return f"{settings.events_exchange}.{projection.name}"
@@ -169,6 +171,10 @@ class ProjectionConsumer:
                         await catch_up(self.engine, self.projection, store=self.store)
                     continue
                 idle_s = 0.0
+                # The events of one append arrive back to back, each delivery a
+                # few tasks deep in aio-pika: let them land, to apply them as one.
+                for _ in range(COALESCE_TURNS):
+                    await asyncio.sleep(0)
                 batch = [first]
                 while len(batch) < self.batch_size and not inbox.empty():
                     batch.append(inbox.get_nowait())
