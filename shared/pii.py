@@ -9,19 +9,66 @@ model from the first event, shows those fields as `ERASED`.
 
 Read tables keep the ciphertext as the events have it, and readers decrypt when
 they answer, so projections stay pure functions of the log.
+
+The users' keys are stored wrapped (encrypted) under the master keys of the
+settings (`HELIX_PII_MASTER_KEYS`), so a copy of the database alone reveals no
+personal data. The first master key wraps new keys; every one listed unwraps, so
+a master key is rotated by putting the new one first. Keys stored before they
+were wrapped are read as they are.
 """
 
 from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events.user import PII_FIELDS
+from shared.settings import Settings, get_settings
 
 PREFIX = "pii:"
 ERASED = "[erased]"
+# A Fernet key is 44 bytes of base64; wrapped, it is a token three times that.
+UNWRAPPED_KEY_LENGTH = 44
+
+
+class KeyUnavailable(RuntimeError):
+    """A user's key is stored, but none of the master keys unwraps it."""
+
+
+_master: MultiFernet | None = None
+
+
+def use_master_keys(settings: Settings) -> None:
+    """Wrap and unwrap users' keys with the master keys of `settings` from now
+    on (an API process calls this when it starts; otherwise the process's
+    settings from the environment apply)."""
+    global _master
+    _master = MultiFernet([Fernet(key) for key in settings.pii_master_key_list])
+
+
+def _master_keys() -> MultiFernet:
+    if _master is None:
+        use_master_keys(get_settings())
+    assert _master is not None
+    return _master
+
+
+def wrap(key: bytes) -> bytes:
+    return _master_keys().encrypt(key)
+
+
+def unwrap(stored: bytes) -> bytes:
+    if len(stored) == UNWRAPPED_KEY_LENGTH:
+        return stored
+    try:
+        return _master_keys().decrypt(stored)
+    except InvalidToken:
+        raise KeyUnavailable(
+            "a user's key cannot be unwrapped: HELIX_PII_MASTER_KEYS lacks the"
+            " master key it was wrapped with"
+        ) from None
 
 
 def new_key() -> bytes:
@@ -63,7 +110,7 @@ async def create_key(connection: AsyncConnection, user_id: UUID) -> bytes:
     key = new_key()
     await connection.exec_driver_sql(
         "INSERT INTO user_keys (user_id, key) VALUES (%(user_id)s, %(key)s)",
-        {"user_id": user_id, "key": key},
+        {"user_id": user_id, "key": wrap(key)},
     )
     return key
 
@@ -85,7 +132,7 @@ async def load_keys(
         "SELECT user_id, key FROM user_keys WHERE user_id = ANY(%(ids)s)",
         {"ids": wanted},
     )
-    return {row.user_id: bytes(row.key) for row in result}
+    return {row.user_id: unwrap(bytes(row.key)) for row in result}
 
 
 async def load_key(connection: AsyncConnection, user_id: UUID) -> bytes | None:

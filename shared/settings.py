@@ -2,11 +2,14 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit
 
+from cryptography.fernet import Fernet
 from pydantic import EmailStr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVELOPMENT_JWT_SECRET = "helix-development-secret-do-not-use-in-production"
 DEVELOPMENT_SUPERUSER_PASSWORD = "changethis"
+# A Fernet key, public in this file: it only protects development data.
+DEVELOPMENT_PII_MASTER_KEY = "urpMPOkB7WLeT7Vjhjy_3Qe1529AdNNYWcFCk12doH4="
 # Passwords that ship in examples and images; production must replace every one.
 WELL_KNOWN_PASSWORDS = frozenset(
     {"", "guest", "postgres", "password", "admin", DEVELOPMENT_SUPERUSER_PASSWORD}
@@ -38,6 +41,10 @@ class Settings(BaseSettings):
     jwt_audience: str = "helixnet-core-api"
     access_token_minutes: int = 30
 
+    # Fernet keys, comma-separated, that wrap each user's personal-data key in
+    # `user_keys`: the first wraps new keys, every one unwraps (for rotation).
+    pii_master_keys: SecretStr = SecretStr(DEVELOPMENT_PII_MASTER_KEY)
+
     first_superuser_email: EmailStr = "admin@helix.net"
     first_superuser_password: SecretStr = SecretStr(DEVELOPMENT_SUPERUSER_PASSWORD)
 
@@ -51,10 +58,27 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @model_validator(mode="after")
+    def check_pii_master_keys(self) -> "Settings":
+        keys = self.pii_master_key_list
+        if not keys:
+            raise ValueError("HELIX_PII_MASTER_KEYS needs at least one key")
+        for key in keys:
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(
+                    "HELIX_PII_MASTER_KEYS: each key must be a Fernet key"
+                    " (32 url-safe base64-encoded bytes)"
+                ) from None
+        return self
+
+    @model_validator(mode="after")
     def refuse_development_secrets_in_production(self) -> "Settings":
         if self.env != "production":
             return self
         problems = []
+        if DEVELOPMENT_PII_MASTER_KEY in self.pii_master_key_list:
+            problems.append("HELIX_PII_MASTER_KEYS holds the development key")
         secret = self.jwt_secret.get_secret_value()
         if secret == DEVELOPMENT_JWT_SECRET or len(secret) < 32:
             problems.append("HELIX_JWT_SECRET must be set to 32 or more random chars")
@@ -67,6 +91,11 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self
+
+    @property
+    def pii_master_key_list(self) -> list[str]:
+        raw = self.pii_master_keys.get_secret_value()
+        return [key.strip() for key in raw.split(",") if key.strip()]
 
     @property
     def psycopg_dsn(self) -> str:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared import errors
+from shared import errors, pii
 from shared.db import create_engine, is_unavailable
 from shared.event_store import EventStore
 from shared.health import Check, run_checks
@@ -209,6 +209,7 @@ async def service_resources(app: FastAPI, settings: Settings) -> AsyncIterator[N
 
     The `state_*` functions above read them back, as FastAPI dependencies.
     """
+    pii.use_master_keys(settings)
     engine = create_engine(settings)
     app.state.settings = settings
     app.state.engine = engine

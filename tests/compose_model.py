@@ -109,12 +109,16 @@ def required_variables(text: str) -> set[str]:
 
 def filled_in(names: set[str]) -> dict[str, str]:
     """A value for each variable, as an operator following .env.example would set."""
-    return {
-        name: "ops@helix.net"
-        if name.endswith("EMAIL")
-        else f"{name.lower()}-{'7f3a9c' * 6}"
-        for name in names
-    }
+    return {name: _operator_value(name) for name in names}
+
+
+def _operator_value(name: str) -> str:
+    if name.endswith("EMAIL"):
+        return "ops@helix.net"
+    if name.endswith("MASTER_KEYS"):
+        # A Fernet key: 32 bytes, url-safe base64.
+        return "N2YzYTljN2YzYTljN2YzYTljN2YzYTljN2YzYTljN2Y="
+    return f"{name.lower()}-{'7f3a9c' * 6}"
 
 
 # -- Loading -------------------------------------------------------------------------

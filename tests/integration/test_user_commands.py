@@ -4,10 +4,12 @@ import asyncio
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from command_api.user_commands import CommandContext, SignInRefused
 from command_api.user_commands import sign_in as sign_in_command
+from shared import pii
 from shared.auth import TEST_ARGON2, PasswordHasher
 from shared.event_store import EventStore
 from shared.settings import Settings
@@ -102,6 +104,57 @@ async def test_password_hash_and_clear_email_never_enter_the_log(
         text = log.scalar_one()
     assert email not in text and "Grace Hopper" not in text
     assert "argon2" not in text and PASSWORD not in text
+
+
+async def test_a_copy_of_the_database_alone_does_not_reveal_personal_data(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    email = unique_email()
+    user = await register(client, email)
+    async with engine.connect() as connection:
+        stored = (
+            await connection.exec_driver_sql(
+                "SELECT key FROM user_keys WHERE user_id = %s", (user["id"],)
+            )
+        ).scalar_one()
+        sealed = (
+            await connection.exec_driver_sql(
+                "SELECT data->>'email' FROM events"
+                " WHERE stream_id = %s AND type = 'UserRegistered'",
+                (f"user-{user['id']}",),
+            )
+        ).scalar_one()
+
+    # The stored key is wrapped: not a key at all without the master key.
+    with pytest.raises(ValueError):
+        Fernet(bytes(stored))
+    assert pii.decrypt(pii.unwrap(bytes(stored)), sealed) == email
+
+
+async def test_a_key_stored_before_keys_were_wrapped_still_reads(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    email = unique_email()
+    user = await register(client, email)
+    async with engine.begin() as connection:
+        stored = (
+            await connection.exec_driver_sql(
+                "SELECT key FROM user_keys WHERE user_id = %s", (user["id"],)
+            )
+        ).scalar_one()
+        # As an older version stored it: the key itself.
+        await connection.exec_driver_sql(
+            "UPDATE user_keys SET key = %s WHERE user_id = %s",
+            (pii.unwrap(bytes(stored)), user["id"]),
+        )
+    token = await sign_in(client, email)
+
+    history = await client.get(
+        f"/api/v1/users/{user['id']}/history", headers=bearer(token)
+    )
+
+    assert history.status_code == 200
+    assert history.json()["items"][0]["data"]["email"] == email
 
 
 async def test_anonymous_cannot_create_a_superuser_but_a_superuser_can(

@@ -1,9 +1,11 @@
 import pytest
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
 
-from shared.settings import Settings
+from shared.settings import DEVELOPMENT_PII_MASTER_KEY, Settings
 
 STRONG_SECRET = "x" * 48
+MASTER_KEY = Fernet.generate_key().decode()
 
 
 def production(**overrides: str) -> Settings:
@@ -13,6 +15,7 @@ def production(**overrides: str) -> Settings:
         "first_superuser_password": "a-real-password-1",
         "database_url": "postgresql+psycopg://helix:s3cret-pw@db:5432/helix",
         "rabbitmq_url": "amqp://helix:s3cret-pw@mq:5672//",
+        "pii_master_keys": MASTER_KEY,
     }
     return Settings(**{**values, **overrides})
 
@@ -42,8 +45,24 @@ def test_production_starts_with_real_secrets():
         ({"first_superuser_password": "changethis"}, "FIRST_SUPERUSER_PASSWORD"),
         ({"rabbitmq_url": "amqp://guest:guest@mq:5672//"}, "RABBITMQ_URL"),
         ({"database_url": "postgresql+psycopg://postgres@db/helix"}, "DATABASE_URL"),
+        (
+            {"pii_master_keys": f"{MASTER_KEY},{DEVELOPMENT_PII_MASTER_KEY}"},
+            "PII_MASTER_KEYS",
+        ),
     ],
 )
 def test_production_refuses_development_secrets(override, complaint):
     with pytest.raises(ValidationError, match=complaint):
         production(**override)
+
+
+@pytest.mark.parametrize("keys", ["", " , ", "not-a-fernet-key", f"{MASTER_KEY},short"])
+def test_pii_master_keys_must_be_fernet_keys(keys):
+    with pytest.raises(ValidationError, match="PII_MASTER_KEYS"):
+        Settings(_env_file=None, pii_master_keys=keys)
+
+
+def test_pii_master_keys_are_listed_newest_first():
+    older = Fernet.generate_key().decode()
+    settings = Settings(_env_file=None, pii_master_keys=f" {MASTER_KEY} ,{older}")
+    assert settings.pii_master_key_list == [MASTER_KEY, older]
