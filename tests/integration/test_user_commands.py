@@ -106,17 +106,21 @@ async def test_password_hash_and_clear_email_never_enter_the_log(
     assert "argon2" not in text and PASSWORD not in text
 
 
+async def stored_key(engine: AsyncEngine, user_id: str) -> bytes:
+    async with engine.connect() as connection:
+        result = await connection.exec_driver_sql(
+            "SELECT key FROM user_keys WHERE user_id = %s", (user_id,)
+        )
+        return bytes(result.scalar_one())
+
+
 async def test_a_copy_of_the_database_alone_does_not_reveal_personal_data(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
     email = unique_email()
     user = await register(client, email)
+    stored = await stored_key(engine, user["id"])
     async with engine.connect() as connection:
-        stored = (
-            await connection.exec_driver_sql(
-                "SELECT key FROM user_keys WHERE user_id = %s", (user["id"],)
-            )
-        ).scalar_one()
         sealed = (
             await connection.exec_driver_sql(
                 "SELECT data->>'email' FROM events"
@@ -127,8 +131,8 @@ async def test_a_copy_of_the_database_alone_does_not_reveal_personal_data(
 
     # The stored key is wrapped: not a key at all without the master key.
     with pytest.raises(ValueError):
-        Fernet(bytes(stored))
-    assert pii.decrypt(pii.unwrap(bytes(stored)), sealed) == email
+        Fernet(stored)
+    assert pii.decrypt(pii.unwrap(stored), sealed) == email
 
 
 async def test_a_key_stored_before_keys_were_wrapped_still_reads(
@@ -136,16 +140,11 @@ async def test_a_key_stored_before_keys_were_wrapped_still_reads(
 ) -> None:
     email = unique_email()
     user = await register(client, email)
+    key = pii.unwrap(await stored_key(engine, user["id"]))
     async with engine.begin() as connection:
-        stored = (
-            await connection.exec_driver_sql(
-                "SELECT key FROM user_keys WHERE user_id = %s", (user["id"],)
-            )
-        ).scalar_one()
         # As an older version stored it: the key itself.
         await connection.exec_driver_sql(
-            "UPDATE user_keys SET key = %s WHERE user_id = %s",
-            (pii.unwrap(bytes(stored)), user["id"]),
+            "UPDATE user_keys SET key = %s WHERE user_id = %s", (key, user["id"])
         )
     token = await sign_in(client, email)
 
