@@ -15,6 +15,12 @@ loses one. Sending twice is harmless: the worker runs a job at most once.
 On start, and whenever it has been idle a while, the dispatcher also reads the
 log after its checkpoint, so an event it never received from the broker (the
 queue did not exist yet when the relay published it) is dispatched all the same.
+
+Once a minute it also looks for jobs whose task message was lost after it was
+sent (a purged queue, a broker that lost its disk): PENDING, STARTED or due for a
+retry for `settings.job_redispatch_after_s`, no worker holding the job's lock,
+and nothing waiting in the jobs queue. Those are sent again; a job that turns out
+to be running or finished after all makes the second delivery a no-op.
 """
 
 import asyncio
@@ -24,8 +30,9 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import aio_pika
 from aio_pika.abc import (
@@ -60,6 +67,32 @@ PREFETCH = 500
 BATCH_SIZE = 200
 IDLE_CATCH_UP_S = 5.0
 SAVE_EVERY_S = 0.5
+REDISPATCH_EVERY_S = 60.0
+REDISPATCH_LIMIT = 100
+# Any fixed number: one process at a time looks for lost tasks.
+REDISPATCH_LOCK_KEY = 0x48454C4958524544  # "HELIXRED"
+
+# Jobs that should have a task message somewhere and show no sign of one. The
+# runner holds an advisory lock on hashtextextended(<stream>, 0) while it works;
+# pg_locks shows a bigint key split in two halves, objsubid 1.
+_STALE_JOBS = """
+SELECT j.id FROM job_statuses j
+CROSS JOIN LATERAL (SELECT hashtextextended('job-' || j.id::text, 0) AS k) lock
+WHERE (
+        (j.status IN ('PENDING', 'STARTED') AND j.updated_at < now() - %(after)s)
+     OR (j.status = 'RETRY' AND j.retry_at < now() - %(after)s)
+      )
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_locks l
+      WHERE l.locktype = 'advisory' AND l.objsubid = 1
+        AND l.database = (SELECT oid FROM pg_database
+                          WHERE datname = current_database())
+        AND l.classid = ((lock.k >> 32) & 4294967295)::text::oid
+        AND l.objid = (lock.k & 4294967295)::text::oid)
+  AND pg_try_advisory_xact_lock(%(sweep_key)s)
+ORDER BY j.updated_at
+LIMIT %(limit)s
+"""
 
 
 def queue_name(settings: Settings) -> str:
@@ -129,8 +162,12 @@ class Dispatcher:
             await queue.consume(deliver, no_ack=False)
             self.consuming.set()
             idle_s = 0.0
+            swept_at = time.monotonic()
             while not stopping.is_set():
                 raise_if_disconnected(connection)
+                if time.monotonic() - swept_at >= REDISPATCH_EVERY_S:
+                    swept_at = time.monotonic()
+                    await self.redispatch_lost()
                 try:
                     first = await asyncio.wait_for(inbox.get(), 0.5)
                 except TimeoutError:
@@ -192,6 +229,32 @@ class Dispatcher:
             position = page[-1].log_position if len(page) == BATCH_SIZE else head
             await self._save(position)
 
+    async def redispatch_lost(self) -> int:
+        """Send again the tasks of jobs that lost theirs; how many were sent."""
+        if await self.sender.waiting():
+            # Their tasks may well be among those still queued.
+            return 0
+        params = {
+            "after": timedelta(seconds=self.settings.job_redispatch_after_s),
+            "sweep_key": REDISPATCH_LOCK_KEY,
+            "limit": REDISPATCH_LIMIT,
+        }
+        async with transaction(self.engine) as connection:
+            result = await connection.exec_driver_sql(_STALE_JOBS, params)
+            job_ids = [str(row[0]) for row in result]
+        if job_ids:
+            log.warning(
+                "sending the tasks of jobs that lost theirs again",
+                extra={"jobs": job_ids},
+            )
+            await self._send(
+                [
+                    {"job_id": job_id, "task_id": str(uuid4()), "eta": None}
+                    for job_id in job_ids
+                ]
+            )
+        return len(job_ids)
+
     async def _save(self, position: LogPosition) -> None:
         async with transaction(self.engine) as connection:
             current = await checkpoint_in(connection)
@@ -219,12 +282,13 @@ class TaskSender:
         self.queue = celery.amqp.queues[queue]
         self.hostname = f"dispatcher@{socket.gethostname()}"
         self.clock = LamportClock()
+        self._channel: AbstractChannel | None = None
         self._tasks: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
 
     async def open(self, connection: AbstractConnection) -> None:
         """Declare the jobs queue as the worker does, on a confirming channel."""
-        channel = await connection.channel(publisher_confirms=True)
+        channel = self._channel = await connection.channel(publisher_confirms=True)
         exchange = self.queue.exchange
         self._tasks = await channel.declare_exchange(
             exchange.name, aio_pika.ExchangeType(exchange.type), durable=True
@@ -234,6 +298,13 @@ class TaskSender:
         self._events = await channel.declare_exchange(
             self.celery.conf.event_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
+
+    async def waiting(self) -> int:
+        """How many tasks wait in the jobs queue, not yet taken by a worker."""
+        if self._channel is None:
+            raise ConnectionError("the task sender is not connected")
+        queue = await self._channel.declare_queue(self.queue.name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
 
     async def send(self, tasks: Sequence[dict[str, Any]]) -> None:
         """Publish every task (and its task-sent event); return once all are

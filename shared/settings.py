@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     # Waits between a job's attempts: exponential from the base, with jitter.
     job_retry_base_s: float = 2.0
     job_retry_cap_s: float = 300.0
+    # A job left PENDING, STARTED or due for a retry this long, with no worker
+    # on it and nothing waiting in the jobs queue, lost its task message (a
+    # purged queue, a broker that lost its disk): the dispatcher sends it again.
+    job_redispatch_after_s: float = 300.0
 
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"

@@ -6,9 +6,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
+import psycopg
 import pytest
 
 from projectors.dispatcher import Dispatcher
+from projectors.framework import catch_up, ensure_created
+from projectors.projections.jobs import projection as jobs_projection
 from projectors.relay import declare_exchange, routing_key
 from shared.checkpoints import create_checkpoint, lags
 from shared.db import transaction
@@ -164,3 +167,66 @@ async def test_the_dispatchers_lag_counts_only_the_events_it_dispatches(store, e
     (lag,) = await lags(engine, [DISPATCHER])
 
     assert lag.events == 1
+
+
+async def stale_job(store: EventStore, engine) -> uuid.UUID:
+    """A job the jobs projection shows PENDING for an hour: its task is lost."""
+    job_id = await submit(store)
+    await ensure_created(engine, [jobs_projection])
+    await catch_up(engine, jobs_projection, store=store)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(
+            "UPDATE job_statuses SET updated_at = now() - interval '1 hour'"
+            " WHERE id = %s",
+            (job_id,),
+        )
+    return job_id
+
+
+async def test_a_job_whose_task_was_lost_is_sent_again(
+    store, engine, tasks, dispatcher
+):
+    job_id = await stale_job(store, engine)
+    first, _ = await asyncio.wait_for(tasks.get(), 30)
+
+    assert await dispatcher.redispatch_lost() == 1
+
+    again, args = await asyncio.wait_for(tasks.get(), 30)
+    assert args == [str(job_id)]
+    assert again["task"] == RUN_JOB_TASK and again["id"] != first["id"]
+
+
+async def test_a_job_a_worker_holds_is_not_sent_again(
+    store, engine, settings, tasks, dispatcher
+):
+    job_id = await stale_job(store, engine)
+    await asyncio.wait_for(tasks.get(), 30)
+    worker = await psycopg.AsyncConnection.connect(
+        settings.psycopg_dsn, autocommit=True
+    )
+    async with worker:
+        await worker.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (job_stream(job_id),)
+        )
+
+        assert await dispatcher.redispatch_lost() == 0
+
+
+async def test_nothing_is_sent_again_while_tasks_wait_in_the_queue(
+    store, engine, settings, dispatcher
+):
+    await stale_job(store, engine)
+    try:
+        # Nobody consumes the jobs queue: the first task waits there.
+        async with asyncio.timeout(30):
+            while True:
+                if await dispatcher.sender.waiting():
+                    break
+                await asyncio.sleep(0.05)
+
+        assert await dispatcher.redispatch_lost() == 0
+    finally:
+        connection = await aio_pika.connect(settings.rabbitmq_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(settings.jobs_queue)
