@@ -37,9 +37,8 @@ WARM_UP = 30
 THROUGHPUT_JOBS = 2000
 CLIENTS = 16
 PASSWORD = "correct horse battery"
+# Both workers run as `make run` starts the job worker: one process per core.
 WORKER_CONCURRENCY = 2
-# Jobs mostly wait on PostgreSQL, so more processes than cores pay off.
-JOB_WORKER_CONCURRENCY = 4
 
 
 class BenchStack(ServiceStack):
@@ -59,7 +58,7 @@ class BenchStack(ServiceStack):
         command = super().command(name)
         if name == "worker":
             command[command.index("--loglevel") + 1] = "WARNING"
-            command[command.index("--concurrency") + 1] = str(JOB_WORKER_CONCURRENCY)
+            command[command.index("--concurrency") + 1] = str(WORKER_CONCURRENCY)
         return command
 
 
