@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
@@ -82,3 +83,43 @@ def rabbitmq_stopped() -> Any:
         subprocess.run(
             ["rabbitmqctl", "await_startup"], check=False, capture_output=True
         )
+
+
+# What settings_for() names its exchanges and queues: helix.events.test.<suffix>,
+# helix.jobs.test.<suffix>, and queues named after those.
+_TEST_OBJECT = re.compile(r"^helix\.(?:events|jobs)\.test\.([0-9a-f]{8})(?:\.|$)")
+
+
+def _listed(kind: str) -> list[str]:
+    """The names of every queue or exchange, from rabbitmqctl (none if absent)."""
+    try:
+        listed = subprocess.run(
+            ["rabbitmqctl", f"list_{kind}", "-q", "--no-table-headers", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return listed.stdout.split() if listed.returncode == 0 else []
+
+
+async def delete_test_objects(rabbitmq_url: str, suffixes: set[str]) -> None:
+    """Delete the queues and exchanges of the test settings with these suffixes,
+    so runs leave nothing behind on the machine's broker."""
+
+    def ours(name: str) -> bool:
+        match = _TEST_OBJECT.match(name)
+        return match is not None and match[1] in suffixes
+
+    queues = [name for name in _listed("queues") if ours(name)]
+    exchanges = [name for name in _listed("exchanges") if ours(name)]
+    if not (queues or exchanges):
+        return
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            await channel.queue_delete(name)
+        for name in exchanges:
+            await channel.exchange_delete(name)

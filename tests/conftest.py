@@ -1,3 +1,4 @@
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -8,8 +9,16 @@ from shared.db import create_engine
 from shared.event_store import EventStore
 from shared.settings import Settings
 from tests import databases
-from tests.stack import settings_for
+from tests.broker import delete_test_objects
+from tests.stack import SUFFIXES, settings_for
 from tests.user_api import gateway_client, settings_with_own_superuser
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_left_clean() -> Iterator[None]:
+    """Delete, at the end of the run, what the run's tests made on RabbitMQ."""
+    yield
+    asyncio.run(delete_test_objects(Settings().rabbitmq_url, SUFFIXES))
 
 
 @pytest.fixture(scope="session")

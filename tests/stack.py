@@ -25,9 +25,15 @@ from shared.settings import Settings
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+# The suffixes settings_for() handed out in this process, so that what they named
+# on the broker can be deleted at the end (tests.broker.delete_test_objects).
+SUFFIXES: set[str] = set()
+
+
 def settings_for(database_url: str, **overrides: object) -> Settings:
     """Settings for a test: its own database, exchange and job queue."""
     suffix = uuid.uuid4().hex[:8]
+    SUFFIXES.add(suffix)
     values: dict[str, object] = {
         "env": "test",
         "database_url": database_url,

@@ -30,7 +30,8 @@ from rich.table import Table
 from shared.jobs.messaging import celery_config
 from tests import databases
 from tests.benchmarks.bare_celery import BARE_TASK, bare_queue
-from tests.stack import ServiceStack, settings_for
+from tests.broker import delete_test_objects
+from tests.stack import SUFFIXES, ServiceStack, settings_for
 
 LATENCY_SAMPLES = 300
 WARM_UP = 30
@@ -209,6 +210,7 @@ def main() -> None:
         stack.stop()
         databases.drop(name)
         databases.drop(template)
+        asyncio.run(delete_test_objects(settings.rabbitmq_url, SUFFIXES))
 
     table = Table(title=f"Job latency, {LATENCY_SAMPLES} sequential round trips")
     for column in ("", "p50 ms", "p99 ms", "mean ms"):
