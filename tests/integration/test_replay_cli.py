@@ -2,7 +2,11 @@
 
 import asyncio
 import json
+import os
+import signal
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +15,7 @@ from projectors import cli
 from projectors.framework import catch_up, ensure_created
 from shared.db import create_engine, transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.events.job import JobSubmitted
 from shared.settings import Settings
 from tests.sample_events import ThingHappened, ThingRenamed, sample_events
 from tests.sample_projection import make_projection
@@ -130,3 +135,47 @@ def test_events_stream_prints_one_stream_in_version_order(helix, database_url):
     assert "v1 ThingHappened" in lines[0]
     assert "v2 ThingRenamed" in lines[1]
     assert '"new_name": "[red]first[/red]"' in lines[1]
+
+
+async def test_events_tail_follow_prints_new_events_as_they_commit(database_url):
+    """The real `helix` process: the last event first, then each new one."""
+    engine = create_engine(Settings(database_url=database_url), pool_size=2)
+    store = EventStore(engine)
+
+    async def submit(task: str) -> None:
+        event = JobSubmitted(
+            owner_id=uuid.uuid4(), task=task, payload={}, max_retries=0, timeout_s=1
+        )
+        stream = f"job-{uuid.uuid4()}"
+        await store.append(stream, [event], expected_version=NO_STREAM, metadata=META)
+
+    await submit("before")
+    async with asyncio.timeout(30):
+        while True:
+            if await store.read_all():
+                break
+            await asyncio.sleep(0.01)
+    tail = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "helix"),
+        *("events", "tail", "--category", "job", "--limit", "1", "--follow", "--json"),
+        env={**os.environ, "HELIX_DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert tail.stdout is not None
+
+        async def next_task() -> str:
+            line = await asyncio.wait_for(tail.stdout.readline(), 30)
+            return str(json.loads(line)["data"]["task"])
+
+        seen = [await next_task()]
+        for task in ("first", "second"):
+            await submit(task)
+        seen += [await next_task(), await next_task()]
+    finally:
+        tail.send_signal(signal.SIGINT)
+        await asyncio.wait_for(tail.wait(), 30)
+        await engine.dispose()
+
+    assert seen == ["before", "first", "second"]
+    assert tail.returncode == 0
