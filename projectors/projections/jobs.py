@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from projectors.framework import Projection, ProjectionTx
 from shared.db import driver_connection
 from shared.event_store import RecordedEvent
+from shared.jobs.state import job_changes
 
 JOBS_CHANNEL = "helix_jobs"
 
@@ -89,45 +90,12 @@ def submitted_row(event: RecordedEvent) -> Row:
 
 def apply_event(row: Row, event: RecordedEvent) -> Row:
     """The row after `event`, which is newer than the row (a pure function)."""
-    data = event.data
-    at = event.recorded_at
-    row = {**row, "version": event.version, "updated_at": at}
-    match event.type:
-        case "JobStarted":
-            row.update(
-                status="STARTED",
-                attempts=data["attempt"],
-                started_at=at,
-                progress=0.0,
-                retry_at=None,
-            )
-        case "JobProgressed":
-            row["progress"] = data["progress"]
-        case "JobRetryScheduled":
-            row.update(
-                status="RETRY",
-                message=data["message"],
-                retry_at=datetime.fromisoformat(data["retry_at"]),
-            )
-        case "JobSucceeded":
-            row.update(
-                status="SUCCESS",
-                result_data=data["result_data"],
-                message=None,
-                progress=1.0,
-                finished_at=at,
-            )
-        case "JobFailed":
-            row.update(
-                status="FAILURE", message=data["message"], finished_at=at, retry_at=None
-            )
-        case "JobCancelRequested":
-            row["cancel_requested"] = True
-        case "JobCancelled":
-            row.update(
-                status="REVOKED", message="cancelled", finished_at=at, retry_at=None
-            )
-    return row
+    return {
+        **row,
+        "version": event.version,
+        "updated_at": event.recorded_at,
+        **job_changes(event),
+    }
 
 
 @projection.handles_batch(

@@ -20,6 +20,59 @@ def job_stream(job_id: UUID) -> str:
     return stream_name("job", job_id)
 
 
+def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
+    """What an event after JobSubmitted changes in a job, field by field.
+
+    The one definition of a job's transitions: the aggregate here and the jobs
+    read model (`projectors/projections/jobs.py`) both apply it, so the status
+    the worker decides on and the one clients read cannot drift apart.
+    """
+    data, at = recorded.data, recorded.recorded_at
+    match recorded.type:
+        case "JobStarted":
+            # A new attempt starts from nothing.
+            return {
+                "status": "STARTED",
+                "attempts": data["attempt"],
+                "started_at": at,
+                "progress": 0.0,
+                "retry_at": None,
+            }
+        case "JobProgressed":
+            return {"progress": data["progress"]}
+        case "JobRetryScheduled":
+            return {
+                "status": "RETRY",
+                "message": data["message"],
+                "retry_at": datetime.fromisoformat(data["retry_at"]),
+            }
+        case "JobSucceeded":
+            return {
+                "status": "SUCCESS",
+                "result_data": data["result_data"],
+                "message": None,
+                "progress": 1.0,
+                "finished_at": at,
+            }
+        case "JobFailed":
+            return {
+                "status": "FAILURE",
+                "message": data["message"],
+                "finished_at": at,
+                "retry_at": None,
+            }
+        case "JobCancelRequested":
+            return {"cancel_requested": True}
+        case "JobCancelled":
+            return {
+                "status": "REVOKED",
+                "message": "cancelled",
+                "finished_at": at,
+                "retry_at": None,
+            }
+    return {}
+
+
 @dataclass(frozen=True)
 class JobState:
     id: UUID
@@ -73,51 +126,13 @@ class JobState:
         return state
 
     def apply(self, recorded: RecordedEvent) -> "JobState":
-        data = recorded.data
-        changes: dict[str, Any] = {
-            "version": recorded.version,
-            "last_position": recorded.position,
-            "history": (*self.history, recorded.type),
-        }
-        match recorded.type:
-            case "JobStarted":
-                changes.update(
-                    status="STARTED",
-                    attempts=data["attempt"],
-                    started_at=recorded.recorded_at,
-                    retry_at=None,
-                )
-            case "JobProgressed":
-                changes["progress"] = data["progress"]
-            case "JobRetryScheduled":
-                changes.update(
-                    status="RETRY",
-                    message=data["message"],
-                    retry_at=datetime.fromisoformat(data["retry_at"]),
-                )
-            case "JobSucceeded":
-                changes.update(
-                    status="SUCCESS",
-                    result_data=data["result_data"],
-                    message=None,
-                    progress=1.0,
-                    finished_at=recorded.recorded_at,
-                )
-            case "JobFailed":
-                changes.update(
-                    status="FAILURE",
-                    message=data["message"],
-                    finished_at=recorded.recorded_at,
-                )
-            case "JobCancelRequested":
-                changes["cancel_requested"] = True
-            case "JobCancelled":
-                changes.update(
-                    status="REVOKED",
-                    message="cancelled",
-                    finished_at=recorded.recorded_at,
-                )
-        return replace(self, **changes)
+        return replace(
+            self,
+            version=recorded.version,
+            last_position=recorded.position,
+            history=(*self.history, recorded.type),
+            **job_changes(recorded),
+        )
 
     def view(self) -> dict[str, Any]:
         """The job as the HTTP API shows it."""
