@@ -7,13 +7,14 @@ from fastapi import FastAPI, Request
 
 from query_api import history_routes, job_routes, user_routes
 from query_api.job_waits import JobWaits
-from shared.checkpoints import lag_check, lags
+from shared.checkpoints import horizon_holder, lag_check, lags
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.jobs.messaging import worker_check
 from shared.logging import configure_logging
 from shared.metrics import (
     CONSUMER_LAG_EVENTS,
     CONSUMER_LAG_SECONDS,
+    READ_HORIZON_SECONDS,
     MetricsMiddleware,
     add_metrics_route,
 )
@@ -54,9 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _refresh_lag(request: Request) -> None:
-    for lag in await lags(request.app.state.engine):
+    engine = request.app.state.engine
+    for lag in await lags(engine):
         CONSUMER_LAG_EVENTS.labels(lag.name).set(lag.events)
         CONSUMER_LAG_SECONDS.labels(lag.name).set(lag.seconds)
+    holder = await horizon_holder(engine)
+    READ_HORIZON_SECONDS.set(holder.open_s if holder else 0.0)
 
 
 def _checks(request: Request) -> dict[str, Check]:

@@ -34,6 +34,11 @@ CONSUMER_LAG_SECONDS = Gauge(
     "Age of the oldest event a consumer has yet to process.",
     ["consumer"],
 )
+READ_HORIZON_SECONDS = Gauge(
+    "helix_read_horizon_held_seconds",
+    "How long the oldest writing transaction on the PostgreSQL server has been"
+    " open: consumers of the log see nothing committed after it began.",
+)
 
 
 class MetricsMiddleware:

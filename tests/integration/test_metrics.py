@@ -66,3 +66,5 @@ async def test_metrics_count_requests_by_route_and_report_consumer_lag(
     assert requests[by_template] >= 1
     lag = samples(response.text, "helix_consumer_lag_events")
     assert lag[(("consumer", "relay"),)] == 3
+    # No transaction holds the log back meanwhile.
+    assert samples(response.text, "helix_read_horizon_held_seconds")[()] < 5

@@ -5,6 +5,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import httpx
+import psycopg
 import pytest
 from fastapi import Depends, FastAPI
 
@@ -167,3 +168,22 @@ async def test_lag_check_fails_naming_a_projection_that_is_behind(engine, things
 
     with pytest.raises(RuntimeError, match="things is 1 events"):
         await check()
+
+
+async def test_lag_check_names_a_long_transaction_that_holds_the_log_back(
+    engine, settings
+):
+    check = lag_check(engine, max_lag_s=1.0)
+    await check()
+    holder = await psycopg.AsyncConnection.connect(settings.psycopg_dsn)
+    async with holder:
+        # A transaction that has written (it has an id): readers of the log
+        # cannot pass it while it stays open.
+        await holder.execute("SELECT pg_current_xact_id()")
+        await asyncio.sleep(1.5)
+
+        with pytest.raises(RuntimeError, match=f"backend {holder.info.backend_pid}"):
+            await check()
+        await holder.rollback()
+
+    await check()
