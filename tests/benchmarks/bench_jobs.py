@@ -22,12 +22,15 @@ import statistics
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import httpx
+import psycopg
 from rich.console import Console
 from rich.table import Table
 
 from shared.jobs.messaging import celery_config
+from shared.settings import Settings
 from tests import databases
 from tests.benchmarks.bare_celery import BARE_TASK, bare_queue
 from tests.broker import delete_test_objects
@@ -129,25 +132,61 @@ def sign_up(client: httpx.Client) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def job_round_trips(client: httpx.Client, auth: dict[str, str]) -> list[float]:
-    samples = []
+@dataclass
+class RoundTrip:
+    """One job's round trip, on the wall clock PostgreSQL's now() shares."""
+
+    job_id: str
+    posted: float
+    answered: float
+    read: float
+
+
+def job_round_trips(client: httpx.Client, auth: dict[str, str]) -> list[RoundTrip]:
+    trips = []
     for i in range(WARM_UP + LATENCY_SAMPLES):
-        started = time.perf_counter()
+        posted = time.time()
         submitted = client.post(
             "/api/v1/jobs/", json={"task": "echo", "payload": {"i": i}}, headers=auth
         )
         submitted.raise_for_status()
-        answer = client.get(
-            f"/api/v1/jobs/{submitted.json()['id']}",
-            params={"wait": 30},
-            headers=auth,
-        )
-        elapsed = time.perf_counter() - started
+        answered = time.time()
+        job_id = submitted.json()["id"]
+        answer = client.get(f"/api/v1/jobs/{job_id}", params={"wait": 30}, headers=auth)
+        read = time.time()
         if answer.status_code != 200 or answer.json()["status"] != "SUCCESS":
             raise RuntimeError(f"job read {answer.status_code}: {answer.text}")
         if i >= WARM_UP:
-            samples.append(elapsed)
-    return samples
+            trips.append(RoundTrip(job_id, posted, answered, read))
+    return trips
+
+
+def stages(settings: Settings, trips: list[RoundTrip]) -> dict[str, list[float]]:
+    """Where each round trip went: the POST; from JobSubmitted to the worker's
+    append (relay, dispatcher, Celery, worker); from there to the client reading
+    SUCCESS (relay, jobs projection, the waiting GET). Events are stamped with the
+    start of their transaction."""
+    with psycopg.connect(settings.psycopg_dsn) as connection:
+        rows = connection.execute(
+            "SELECT stream_id, type, extract(epoch FROM recorded_at)::float8"
+            " FROM events WHERE stream_id = ANY(%s)"
+            " AND type IN ('JobSubmitted', 'JobSucceeded')",
+            ([f"job-{trip.job_id}" for trip in trips],),
+        ).fetchall()
+    recorded = {(stream, kind): at for stream, kind, at in rows}
+    found: dict[str, list[float]] = {
+        "POST answered": [],
+        "submitted -> worker appended": [],
+        "worker appended -> client read": [],
+    }
+    for trip in trips:
+        stream = f"job-{trip.job_id}"
+        submitted = recorded[(stream, "JobSubmitted")]
+        succeeded = recorded[(stream, "JobSucceeded")]
+        found["POST answered"].append(trip.answered - trip.posted)
+        found["submitted -> worker appended"].append(succeeded - submitted)
+        found["worker appended -> client read"].append(trip.read - succeeded)
+    return found
 
 
 async def throughput(base_url: str, auth: dict[str, str]) -> tuple[float, int, int]:
@@ -201,7 +240,9 @@ def main() -> None:
             console.print("measuring the bare Celery round trip ...")
             bare = bare_round_trips(stack)
             console.print("measuring the job round trip ...")
-            jobs = job_round_trips(client, auth)
+            trips = job_round_trips(client, auth)
+            jobs = [trip.read - trip.posted for trip in trips]
+            parts = stages(settings, trips)
         console.print(f"submitting {THROUGHPUT_JOBS} jobs from {CLIENTS} clients ...")
         cpu_before = cpu_seconds(stack)
         elapsed, done, failed = asyncio.run(throughput(stack.base_url, auth))
@@ -215,7 +256,9 @@ def main() -> None:
     table = Table(title=f"Job latency, {LATENCY_SAMPLES} sequential round trips")
     for column in ("", "p50 ms", "p99 ms", "mean ms"):
         table.add_column(column, justify="right")
-    for label, samples in (("bare Celery no-op", bare), ("echo job via API", jobs)):
+    rows = [("bare Celery no-op", bare), ("echo job via API", jobs)]
+    rows += [(f"  {label}", samples) for label, samples in parts.items()]
+    for label, samples in rows:
         table.add_row(
             label,
             f"{percentile(samples, 50) * 1000:.1f}",
