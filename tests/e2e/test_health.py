@@ -1,6 +1,7 @@
 """`GET /health/` on the running service follows PostgreSQL going away and back."""
 
 import time
+import uuid
 
 import httpx
 from sqlalchemy.engine import make_url
@@ -19,6 +20,17 @@ def wait_for_status(client: httpx.Client, status: int, timeout_s: float = 30) ->
         time.sleep(0.3)
 
 
+def signed_in(client: httpx.Client) -> dict[str, str]:
+    email = f"health-{uuid.uuid4().hex[:8]}@example.com"
+    credentials = {"email": email, "password": "correct horse battery"}
+    client.post("/api/v1/users/", json=credentials).raise_for_status()
+    token = client.post(
+        "/api/v1/token",
+        data={"username": email, "password": credentials["password"]},
+    ).json()["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
 def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
     with TcpProxy(5432) as proxy:
         via_proxy = make_url(database_url).set(port=proxy.port)
@@ -29,6 +41,7 @@ def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
             with stack.client() as client:
                 healthy = wait_for_status(client, 200)
                 assert healthy["checks"]["postgres"] == {"ok": True, "detail": "ok"}
+                auth = signed_in(client)
 
                 proxy.cut()
                 started = time.monotonic()
@@ -38,6 +51,12 @@ def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
                 assert down["checks"]["redis"]["ok"] is True
                 assert down["checks"]["worker"]["ok"] is True
                 assert time.monotonic() - started < 15
+                # A command meanwhile is refused cleanly, to be tried again.
+                refused = client.post(
+                    "/api/v1/jobs/", json={"task": "echo"}, headers=auth, timeout=15
+                )
+                assert refused.status_code == 503, refused.text
+                assert int(refused.headers["Retry-After"]) > 0
 
                 proxy.restore()
                 assert wait_for_status(client, 200)["checks"]["postgres"]["ok"]
