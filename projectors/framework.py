@@ -56,8 +56,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
+from uuid import UUID
 
+from psycopg.rows import dict_row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.checkpoints import (
@@ -66,7 +69,7 @@ from shared.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
-from shared.db import transaction
+from shared.db import driver_connection, transaction
 from shared.event_store import LOG_START, EventStore, LogPosition, RecordedEvent
 from shared.events.registry import EventRegistry
 
@@ -108,6 +111,9 @@ ORDER BY transaction_id, position
 """
 
 
+Row = dict[str, Any]
+
+
 class ProjectionTx:
     """What a handler gets: the batch's connection and the tables it writes."""
 
@@ -128,6 +134,82 @@ class ProjectionTx:
     def table(self, logical: str) -> str:
         """The physical name of `logical` in the generation being written."""
         return self._tables[logical]
+
+    async def rows_by_id(
+        self, logical: str, columns: Sequence[str], ids: Sequence[str]
+    ) -> dict[str, Row]:
+        """The rows of `logical` with these ids (an `id` column), by id, for a
+        batch handler that folds its events onto them in Python."""
+        driver = await driver_connection(self.connection)
+        cursor = driver.cursor(row_factory=dict_row)
+        await cursor.execute(
+            f"SELECT {', '.join(columns)} FROM {self.table(logical)}"
+            " WHERE id = ANY(%s::uuid[])",
+            (list(ids),),
+        )
+        return {str(row["id"]): row for row in await cursor.fetchall()}
+
+    def upsert_sql(self, logical: str, columns: Sequence[str]) -> str:
+        """A statement that writes rows, given as a JSON array (`rows_json`),
+        into `logical` whole, replacing those with the same id."""
+        table = self.table(logical)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in columns[1:])
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)})"
+            f" SELECT {', '.join(columns)}"
+            f" FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb)"
+            f" ON CONFLICT (id) DO UPDATE SET {updates}"
+        )
+
+
+def entity_id(event: RecordedEvent) -> str:
+    """The id in the event's stream name (`job-<uuid>` gives the uuid), as text."""
+    return str(UUID(event.stream_id.partition("-")[2]))
+
+
+def fold_onto_rows(
+    rows: dict[str, Row],
+    events: Sequence[RecordedEvent],
+    *,
+    row_id: Callable[[RecordedEvent], str],
+    created_by: str,
+    new_row: Callable[[RecordedEvent], Row],
+    next_row: Callable[[Row, RecordedEvent], Row],
+    version: str,
+) -> dict[str, Row]:
+    """Fold a batch, in log order, onto the rows of its entities; the changed rows.
+
+    A `created_by` event adds its entity's row unless there is one; any other
+    event applies only to a row whose `version` column it is newer than. So a
+    replayed or duplicated event changes nothing.
+    """
+    changed: dict[str, Row] = {}
+    for event in events:
+        key = row_id(event)
+        row = rows.get(key)
+        if event.type == created_by:
+            if row is not None:
+                continue
+            row = new_row(event)
+        elif row is None or event.version <= row[version]:
+            continue
+        else:
+            row = next_row(row, event)
+        rows[key] = changed[key] = row
+    return changed
+
+
+def rows_json(rows: Sequence[Row]) -> str:
+    """Rows as the JSON array `ProjectionTx.upsert_sql` takes."""
+    return json.dumps(list(rows), default=_json_value)
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"cannot store a {type(value).__name__} in a read table")
 
 
 EventHandler = Callable[[ProjectionTx, RecordedEvent], Awaitable[None]]

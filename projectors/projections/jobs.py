@@ -9,15 +9,16 @@ query API answers `GET /jobs/{id}?wait=S` the moment its job finishes instead of
 polling for it.
 """
 
-import json
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
-from uuid import UUID
 
-from psycopg.rows import dict_row
-
-from projectors.framework import Projection, ProjectionTx
+from projectors.framework import (
+    Projection,
+    ProjectionTx,
+    Row,
+    entity_id,
+    fold_onto_rows,
+    rows_json,
+)
 from shared.db import driver_connection
 from shared.event_store import RecordedEvent
 from shared.jobs.state import job_changes
@@ -58,17 +59,11 @@ projection = Projection(
     },
 )
 
-Row = dict[str, Any]
-
-
-def _job_id(event: RecordedEvent) -> str:
-    return str(UUID(event.stream_id.removeprefix("job-")))
-
 
 def submitted_row(event: RecordedEvent) -> Row:
     data = event.data
     return {
-        "id": _job_id(event),
+        "id": entity_id(event),
         "owner_id": str(data["owner_id"]),
         "task": data["task"],
         "status": "PENDING",
@@ -109,56 +104,32 @@ def apply_event(row: Row, event: RecordedEvent) -> Row:
     "JobCancelled",
 )
 async def apply_job_events(tx: ProjectionTx, events: Sequence[RecordedEvent]) -> None:
-    table = tx.table("job_statuses")
-    job_ids = list(dict.fromkeys(_job_id(event) for event in events))
-    driver = await driver_connection(tx.connection)
-    cursor = driver.cursor(row_factory=dict_row)
-    await cursor.execute(
-        f"SELECT {', '.join(COLUMNS)} FROM {table} WHERE id = ANY(%s::uuid[])",
-        (job_ids,),
-    )
-    rows: dict[str, Row] = {str(row["id"]): row for row in await cursor.fetchall()}
+    job_ids = list(dict.fromkeys(entity_id(event) for event in events))
+    rows = await tx.rows_by_id("job_statuses", list(COLUMNS), job_ids)
 
-    changed: dict[str, Row] = {}
-    woken: set[str] = set()
-    for event in events:
-        job_id = _job_id(event)
-        row = rows.get(job_id)
-        if event.type == "JobSubmitted":
-            if row is not None:
-                continue
-            new_row = submitted_row(event)
-        elif row is None or event.version <= row["version"]:
-            continue
-        else:
-            new_row = apply_event(row, event)
-        if row is None or new_row["status"] != row["status"]:
-            woken.add(job_id)
-        rows[job_id] = changed[job_id] = new_row
+    before = {job_id: row["status"] for job_id, row in rows.items()}
+    changed = fold_onto_rows(
+        rows,
+        events,
+        row_id=entity_id,
+        created_by="JobSubmitted",
+        new_row=submitted_row,
+        next_row=apply_event,
+        version="version",
+    )
     if not changed:
         return
+    woken = [
+        job_id for job_id, row in changed.items() if before.get(job_id) != row["status"]
+    ]
 
-    updates = ", ".join(f"{name} = excluded.{name}" for name in COLUMNS if name != "id")
     # The rows and the wake-ups in one statement: one round trip a batch.
+    driver = await driver_connection(tx.connection)
     await driver.execute(
-        f"WITH written AS (INSERT INTO {table} ({', '.join(COLUMNS)})"
-        f" SELECT {', '.join(COLUMNS)}"
-        f" FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb)"
-        f" ON CONFLICT (id) DO UPDATE SET {updates} RETURNING id)"
+        f"WITH written AS ({tx.upsert_sql('job_statuses', list(COLUMNS))}"
+        " RETURNING id)"
         " SELECT count(*) FROM written"
         " UNION ALL SELECT count(pg_notify(%s, job_id))"
         " FROM unnest(%s::text[]) AS job_id",
-        (
-            json.dumps(list(changed.values()), default=_json_value),
-            JOBS_CHANNEL,
-            sorted(woken),
-        ),
+        (rows_json(list(changed.values())), JOBS_CHANNEL, sorted(woken)),
     )
-
-
-def _json_value(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in job_statuses")

@@ -6,14 +6,23 @@ a pure function of the log (a rebuild writes the very same rows), and a user
 erased later is erased here too, with no step to forget. `UserDeleted` with
 `erased` also drops the ciphertext itself.
 
-Each update applies only if the event is newer than the row's
-`representation_version`, so a replayed event changes nothing.
+A batch is applied at once: the rows of its users are read, its events folded
+onto them in log order, and the changed rows written back in one statement. An
+event applies only if it is newer than the row's `representation_version`, so a
+replayed event changes nothing.
 """
 
-from typing import Any
-from uuid import UUID
+from collections.abc import Sequence
 
-from projectors.framework import Projection, ProjectionTx
+from projectors.framework import (
+    Projection,
+    ProjectionTx,
+    Row,
+    entity_id,
+    fold_onto_rows,
+    rows_json,
+)
+from shared.db import driver_connection
 from shared.event_store import RecordedEvent
 
 projection = Projection(
@@ -35,76 +44,92 @@ projection = Projection(
 )
 
 
-def _user_id(event: RecordedEvent) -> UUID:
-    return UUID(event.stream_id.removeprefix("user-"))
+COLUMNS = (
+    "id",
+    "email",
+    "full_name",
+    "is_active",
+    "is_superuser",
+    "erased",
+    "representation_version",
+    "created_at",
+    "updated_at",
+)
 
 
-async def _update(
-    tx: ProjectionTx, event: RecordedEvent, assignments: str, values: dict[str, Any]
-) -> None:
-    await tx.connection.exec_driver_sql(
-        f"UPDATE {tx.table('user_profiles')}"
-        f" SET {assignments}, representation_version = %(version)s,"
-        " updated_at = %(recorded_at)s"
-        " WHERE id = %(id)s AND representation_version < %(version)s",
-        {
-            **values,
-            "id": _user_id(event),
-            "version": event.version,
-            "recorded_at": event.recorded_at,
-        },
+def registered_row(event: RecordedEvent) -> Row:
+    data = event.data
+    return {
+        "id": entity_id(event),
+        "email": data["email"],
+        "full_name": data.get("full_name"),
+        "is_active": True,
+        "is_superuser": data.get("is_superuser", False),
+        "erased": False,
+        "representation_version": event.version,
+        "created_at": event.recorded_at,
+        "updated_at": event.recorded_at,
+    }
+
+
+def next_row(row: Row, event: RecordedEvent) -> Row:
+    """The row after `event`, which is newer than the row (a pure function)."""
+    return {
+        **row,
+        **changes(event),
+        "representation_version": event.version,
+        "updated_at": event.recorded_at,
+    }
+
+
+def changes(event: RecordedEvent) -> Row:
+    """What an event after UserRegistered changes in the user's row."""
+    data = event.data
+    match event.type:
+        case "UserProfileUpdated":
+            return {"full_name": data["full_name"]}
+        case "UserEmailChanged":
+            return {"email": data["email"]}
+        case "UserRoleChanged":
+            return {
+                "is_superuser": data["is_superuser"],
+                "is_active": data["is_active"],
+            }
+        case "UserDeleted" if data.get("erased", False):
+            return {
+                "is_active": False,
+                "erased": True,
+                "email": None,
+                "full_name": None,
+            }
+        case "UserDeleted":
+            return {"is_active": False}
+    return {}
+
+
+@projection.handles_batch(
+    "UserRegistered",
+    "UserProfileUpdated",
+    "UserEmailChanged",
+    "UserRoleChanged",
+    "UserDeleted",
+)
+async def apply_user_events(tx: ProjectionTx, events: Sequence[RecordedEvent]) -> None:
+    """Fold a batch onto the rows of its users, then write the changed ones."""
+    user_ids = list(dict.fromkeys(entity_id(event) for event in events))
+    rows = await tx.rows_by_id("user_profiles", COLUMNS, user_ids)
+    changed = fold_onto_rows(
+        rows,
+        events,
+        row_id=entity_id,
+        created_by="UserRegistered",
+        new_row=registered_row,
+        next_row=next_row,
+        version="representation_version",
     )
-
-
-@projection.handles("UserRegistered")
-async def add_user(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await tx.connection.exec_driver_sql(
-        f"INSERT INTO {tx.table('user_profiles')}"
-        " (id, email, full_name, is_active, is_superuser, representation_version,"
-        "  created_at, updated_at)"
-        " VALUES (%(id)s, %(email)s, %(full_name)s, true, %(is_superuser)s,"
-        "  %(version)s, %(recorded_at)s, %(recorded_at)s)"
-        " ON CONFLICT (id) DO NOTHING",
-        {
-            "id": _user_id(event),
-            "email": event.data["email"],
-            "full_name": event.data.get("full_name"),
-            "is_superuser": event.data.get("is_superuser", False),
-            "version": event.version,
-            "recorded_at": event.recorded_at,
-        },
-    )
-
-
-@projection.handles("UserProfileUpdated")
-async def rename_user(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx, event, "full_name = %(full_name)s", {"full_name": event.data["full_name"]}
-    )
-
-
-@projection.handles("UserEmailChanged")
-async def change_user_email(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(tx, event, "email = %(email)s", {"email": event.data["email"]})
-
-
-@projection.handles("UserRoleChanged")
-async def change_user_standing(tx: ProjectionTx, event: RecordedEvent) -> None:
-    await _update(
-        tx,
-        event,
-        "is_superuser = %(is_superuser)s, is_active = %(is_active)s",
-        {
-            "is_superuser": event.data["is_superuser"],
-            "is_active": event.data["is_active"],
-        },
-    )
-
-
-@projection.handles("UserDeleted")
-async def deactivate_user(tx: ProjectionTx, event: RecordedEvent) -> None:
-    if event.data.get("erased", False):
-        assignments = "is_active = false, erased = true, email = NULL, full_name = NULL"
-    else:
-        assignments = "is_active = false"
-    await _update(tx, event, assignments, {})
+    if changed:
+        driver = await driver_connection(tx.connection)
+        await driver.execute(
+            tx.upsert_sql("user_profiles", COLUMNS),
+            (rows_json(list(changed.values())),),
+        )
