@@ -27,6 +27,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projectors.batches import consume_in_batches, every
 from projectors.framework import (
     Projection,
     apply_in_transaction,
@@ -37,7 +38,6 @@ from projectors.relay import (
     PREVIOUS_HEADER,
     declare_exchange,
     parse_position,
-    raise_if_disconnected,
 )
 from shared.checkpoints import read_checkpoint
 from shared.db import transaction
@@ -48,8 +48,6 @@ from shared.events.registry import EventRegistry
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-COALESCE_TURNS = 4
 
 
 def queue_name(settings: Settings, projection: Projection) -> str:
@@ -150,38 +148,21 @@ class ProjectionConsumer:
                 # After declaring the queue: whatever the relay publishes from now
                 # on is queued, and everything before it comes from the store.
                 await catch_up(self.engine, self.projection, store=self.store)
-            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-
-            async def deliver(message: AbstractIncomingMessage) -> None:
-                inbox.put_nowait(message)
-
-            await queue.consume(deliver, no_ack=False)
-            self.consuming.set()
-            idle_s = 0.0
-            while not stopping.is_set():
-                raise_if_disconnected(connection)
-                try:
-                    first = await asyncio.wait_for(inbox.get(), 0.5)
-                except TimeoutError:
-                    idle_s += 0.5
-                    if self.idle_catch_up_s is not None and (
-                        idle_s >= self.idle_catch_up_s
-                    ):
-                        idle_s = 0.0
-                        await catch_up(self.engine, self.projection, store=self.store)
-                    continue
-                idle_s = 0.0
-                # The events of one append arrive back to back, each delivery a
-                # few tasks deep in aio-pika: let them land, to apply them as one.
-                for _ in range(COALESCE_TURNS):
-                    await asyncio.sleep(0)
-                batch = [first]
-                while len(batch) < self.batch_size and not inbox.empty():
-                    batch.append(inbox.get_nowait())
-                await self.handle(batch)
-                last = max(batch, key=lambda message: message.delivery_tag or 0)
-                await last.ack(multiple=True)
+            await consume_in_batches(
+                connection,
+                queue,
+                stopping,
+                batch_size=self.batch_size,
+                handle=self.handle,
+                idle=self._idle,
+                consuming=self.consuming,
+            )
         self.consuming.clear()
+
+    async def _idle(self, idle_ticks: int) -> None:
+        # Every idle_catch_up_s of quiet, make good anything the broker missed.
+        if self.idle_catch_up_s is not None and every(self.idle_catch_up_s, idle_ticks):
+            await catch_up(self.engine, self.projection, store=self.store)
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Apply a batch of delivered events, reading any gap from the store."""

@@ -48,7 +48,8 @@ from celery.utils.time import utcoffset
 from kombu.clocks import LamportClock
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.relay import declare_exchange, raise_if_disconnected
+from projectors.batches import consume_in_batches, every
+from projectors.relay import declare_exchange
 from shared.checkpoints import checkpoint, read_checkpoint, save_checkpoint
 from shared.db import create_engine, transaction
 from shared.event_store import EventStore, LogPosition
@@ -118,6 +119,7 @@ class Dispatcher:
         self._position: LogPosition | None = None
         self._saved: LogPosition | None = None
         self._saved_at = 0.0
+        self._redispatched_at = time.monotonic()
 
     async def run(self, stopping: asyncio.Event) -> None:
         backoff_s = 0.1
@@ -154,38 +156,32 @@ class Dispatcher:
             # After declaring the queue: what the relay publishes from now on is
             # queued, and everything before it comes from the store.
             await self.catch_up()
-            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-
-            async def deliver(message: AbstractIncomingMessage) -> None:
-                inbox.put_nowait(message)
-
-            await queue.consume(deliver, no_ack=False)
-            self.consuming.set()
-            idle_s = 0.0
-            swept_at = time.monotonic()
-            while not stopping.is_set():
-                raise_if_disconnected(connection)
-                if time.monotonic() - swept_at >= REDISPATCH_EVERY_S:
-                    swept_at = time.monotonic()
-                    await self.redispatch_lost()
-                try:
-                    first = await asyncio.wait_for(inbox.get(), 0.5)
-                except TimeoutError:
-                    await self.save()
-                    idle_s += 0.5
-                    if idle_s >= IDLE_CATCH_UP_S:
-                        idle_s = 0.0
-                        await self.catch_up()
-                    continue
-                idle_s = 0.0
-                batch = [first]
-                while len(batch) < BATCH_SIZE and not inbox.empty():
-                    batch.append(inbox.get_nowait())
-                await self.handle(batch)
-                last = max(batch, key=lambda message: message.delivery_tag or 0)
-                await last.ack(multiple=True)
+            await consume_in_batches(
+                connection,
+                queue,
+                stopping,
+                batch_size=BATCH_SIZE,
+                handle=self._handle_batch,
+                idle=self._idle,
+                consuming=self.consuming,
+            )
             await self.save()
         self.consuming.clear()
+
+    async def _handle_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        await self._redispatch_when_due()
+        await self.handle(messages)
+
+    async def _idle(self, idle_ticks: int) -> None:
+        await self._redispatch_when_due()
+        await self.save()
+        if every(IDLE_CATCH_UP_S, idle_ticks):
+            await self.catch_up()
+
+    async def _redispatch_when_due(self) -> None:
+        if time.monotonic() - self._redispatched_at >= REDISPATCH_EVERY_S:
+            self._redispatched_at = time.monotonic()
+            await self.redispatch_lost()
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Send the tasks of a batch of delivered events past the checkpoint."""
