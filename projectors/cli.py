@@ -5,6 +5,7 @@
     helix projections verify --all
     helix events tail --category job --follow
     helix events stream user-<uuid> --json
+    helix keys rewrap
 
 Settings come from the `HELIX_*` environment, like every other process.
 """
@@ -35,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projectors.framework import Projection, ensure_created
 from projectors.projections import discover
 from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
+from shared import pii
 from shared.checkpoints import lags
 from shared.db import connect, create_engine
 from shared.event_store import EventStore, LogPosition, RecordedEvent
@@ -46,8 +48,10 @@ from shared.settings import Settings
 app = typer.Typer(help="Operate HelixNet Core's projections and read its event log.")
 projections_app = typer.Typer(help="Projection status, blue-green rebuilds, checks.")
 events_app = typer.Typer(help="Print events from the log.")
+keys_app = typer.Typer(help="Users' personal-data keys.")
 app.add_typer(projections_app, name="projections")
 app.add_typer(events_app, name="events")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 errors = Console(stderr=True)
@@ -352,3 +356,14 @@ def events_stream(
         errors.print(f"no events in stream {stream_id}")
         raise typer.Exit(1)
     _print_events(events, as_json)
+
+
+@keys_app.command("rewrap")
+def keys_rewrap() -> None:
+    """Wrap every user's key under the first of HELIX_PII_MASTER_KEYS.
+
+    Rotating a master key: put the new one first, keep the old one after it,
+    restart the APIs, run this, then remove the old one.
+    """
+    rewrapped = _run(pii.rewrap_all)
+    console.print(f"{rewrapped} keys wrapped under the first master key")

@@ -13,8 +13,9 @@ they answer, so projections stay pure functions of the log.
 The users' keys are stored wrapped (encrypted) under the master keys of the
 settings (`HELIX_PII_MASTER_KEYS`), so a copy of the database alone reveals no
 personal data. The first master key wraps new keys; every one listed unwraps, so
-a master key is rotated by putting the new one first. Keys stored before they
-were wrapped are read as they are.
+a master key is rotated by putting the new one first, running `helix keys
+rewrap` (`rewrap_all`), and then removing the old one. Keys stored before they
+were wrapped are read as they are, and wrapped by a rewrap.
 """
 
 from collections.abc import Iterable, Mapping
@@ -22,8 +23,9 @@ from typing import Any
 from uuid import UUID
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shared.db import transaction
 from shared.events.user import PII_FIELDS
 from shared.settings import Settings, get_settings
 
@@ -35,6 +37,12 @@ UNWRAPPED_KEY_LENGTH = 44
 
 class KeyUnavailable(RuntimeError):
     """A user's key is stored, but none of the master keys unwraps it."""
+
+
+_NO_MASTER_KEY = (
+    "a user's key cannot be unwrapped: HELIX_PII_MASTER_KEYS lacks the master key"
+    " it was wrapped with"
+)
 
 
 _master: MultiFernet | None = None
@@ -59,16 +67,23 @@ def wrap(key: bytes) -> bytes:
     return _master_keys().encrypt(key)
 
 
+def rewrap(stored: bytes) -> bytes:
+    """`stored` wrapped under the first master key, whichever one wrapped it."""
+    if len(stored) == UNWRAPPED_KEY_LENGTH:
+        return wrap(stored)
+    try:
+        return _master_keys().rotate(stored)
+    except InvalidToken:
+        raise KeyUnavailable(_NO_MASTER_KEY) from None
+
+
 def unwrap(stored: bytes) -> bytes:
     if len(stored) == UNWRAPPED_KEY_LENGTH:
         return stored
     try:
         return _master_keys().decrypt(stored)
     except InvalidToken:
-        raise KeyUnavailable(
-            "a user's key cannot be unwrapped: HELIX_PII_MASTER_KEYS lacks the"
-            " master key it was wrapped with"
-        ) from None
+        raise KeyUnavailable(_NO_MASTER_KEY) from None
 
 
 def new_key() -> bytes:
@@ -137,3 +152,31 @@ async def load_keys(
 
 async def load_key(connection: AsyncConnection, user_id: UUID) -> bytes | None:
     return (await load_keys(connection, [user_id])).get(user_id)
+
+
+async def rewrap_all(engine: AsyncEngine, batch_size: int = 500) -> int:
+    """Wrap every stored key under the first master key; how many were rewritten.
+
+    Run after putting a new master key first in HELIX_PII_MASTER_KEYS; once it is
+    done, the older master keys can be removed. Each batch commits on its own,
+    so an interrupted run is simply run again.
+    """
+    done, after = 0, None
+    while True:
+        async with transaction(engine) as connection:
+            result = await connection.exec_driver_sql(
+                "SELECT user_id, key FROM user_keys"
+                " WHERE %(after)s::uuid IS NULL OR user_id > %(after)s::uuid"
+                " ORDER BY user_id LIMIT %(limit)s FOR UPDATE",
+                {"after": after, "limit": batch_size},
+            )
+            rows = list(result)
+            for row in rows:
+                await connection.exec_driver_sql(
+                    "UPDATE user_keys SET key = %(key)s WHERE user_id = %(user_id)s",
+                    {"key": rewrap(bytes(row.key)), "user_id": row.user_id},
+                )
+        done += len(rows)
+        if len(rows) < batch_size:
+            return done
+        after = rows[-1].user_id

@@ -4,23 +4,13 @@ import pytest
 from cryptography.fernet import Fernet
 
 from shared import pii
-from shared.settings import Settings
+from tests.master_keys import master_keys_restored, use_master_keys
 
-
-@pytest.fixture(autouse=True)
-def restore_master_keys():
-    yield
-    pii.use_master_keys(Settings(_env_file=None))
-
-
-def use(*keys: bytes) -> None:
-    pii.use_master_keys(
-        Settings(_env_file=None, pii_master_keys=",".join(k.decode() for k in keys))
-    )
+pytestmark = pytest.mark.usefixtures(master_keys_restored.__name__)
 
 
 def test_a_wrapped_key_unwraps_to_itself_and_is_no_key_on_its_own():
-    use(Fernet.generate_key())
+    use_master_keys(Fernet.generate_key())
     key = pii.new_key()
 
     wrapped = pii.wrap(key)
@@ -33,15 +23,15 @@ def test_a_wrapped_key_unwraps_to_itself_and_is_no_key_on_its_own():
 
 def test_a_key_wrapped_under_the_previous_master_key_unwraps_after_rotation():
     old, new = Fernet.generate_key(), Fernet.generate_key()
-    use(old)
+    use_master_keys(old)
     key = pii.new_key()
     wrapped = pii.wrap(key)
 
-    use(new, old)
+    use_master_keys(new, old)
 
     assert pii.unwrap(wrapped) == key
     # New keys are wrapped under the first master key only.
-    use(new)
+    use_master_keys(new)
     assert pii.unwrap(pii.wrap(key)) == key
     with pytest.raises(pii.KeyUnavailable, match="HELIX_PII_MASTER_KEYS"):
         pii.unwrap(wrapped)
