@@ -49,7 +49,7 @@ from kombu.clocks import LamportClock
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.batches import consume_in_batches, every
-from projectors.relay import declare_exchange
+from projectors.relay import BROKER_ERRORS, declare_exchange
 from shared.checkpoints import checkpoint, read_checkpoint, save_checkpoint
 from shared.db import create_engine, transaction
 from shared.event_store import EventStore, LogPosition
@@ -102,10 +102,16 @@ def queue_name(settings: Settings) -> str:
 
 class Dispatcher:
     def __init__(
-        self, settings: Settings, engine: AsyncEngine, celery: Celery | None = None
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        celery: Celery | None = None,
+        *,
+        redispatch_every_s: float = REDISPATCH_EVERY_S,
     ) -> None:
         self.settings = settings
         self.engine = engine
+        self.redispatch_every_s = redispatch_every_s
         self.store = EventStore(engine)
         self.sender = TaskSender(
             celery or celery_app(settings, name="helixnet-dispatcher"),
@@ -179,9 +185,16 @@ class Dispatcher:
             await self.catch_up()
 
     async def _redispatch_when_due(self) -> None:
-        if time.monotonic() - self._redispatched_at >= REDISPATCH_EVERY_S:
-            self._redispatched_at = time.monotonic()
+        if time.monotonic() - self._redispatched_at < self.redispatch_every_s:
+            return
+        self._redispatched_at = time.monotonic()
+        try:
             await self.redispatch_lost()
+        except BROKER_ERRORS:
+            raise  # the connection is gone: reconnect, as for any other send
+        except Exception:
+            # A side job: dispatching goes on, and the next look is a minute away.
+            log.exception("looking for jobs that lost their task failed")
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Send the tasks of a batch of delivered events past the checkpoint."""

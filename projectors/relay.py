@@ -45,7 +45,8 @@ SAVE_EVERY_S = 0.5
 SAVE_IDLE_S = 0.05
 # Any fixed number will do: advisory locks are per database.
 RELAY_LOCK_KEY = 0x48454C49585245  # "HELIXRE"
-_BROKER_ERRORS = (
+# What a lost or refusing broker connection raises.
+BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
     aio_pika.exceptions.AMQPException,
@@ -222,7 +223,7 @@ class Relay:
     ) -> bool:
         """Publish `events` until the broker confirms all; False if stopping first."""
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_BROKER_ERRORS),
+            retry=retry_if_exception_type(BROKER_ERRORS),
             wait=wait_exponential(multiplier=0.1, max=self.max_backoff_s),
             before_sleep=self._log_retry,
             reraise=True,

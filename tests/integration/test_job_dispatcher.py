@@ -230,3 +230,23 @@ async def test_nothing_is_sent_again_while_tasks_wait_in_the_queue(
         async with connection:
             channel = await connection.channel()
             await channel.queue_delete(settings.jobs_queue)
+
+
+async def test_a_failed_look_for_lost_tasks_does_not_stop_dispatching(
+    store, settings, engine, tasks, caplog
+):
+    # Looks at every turn, and fails: there is no jobs read model here.
+    stopping = asyncio.Event()
+    dispatcher = Dispatcher(settings, engine, redispatch_every_s=0.0)
+    running = asyncio.create_task(dispatcher.run(stopping))
+    try:
+        await asyncio.wait_for(dispatcher.consuming.wait(), 30)
+        job_id = await submit(store)
+
+        _, args = await asyncio.wait_for(tasks.get(), 30)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, 30)
+
+    assert args == [str(job_id)]
+    assert "looking for jobs that lost their task failed" in caplog.text
