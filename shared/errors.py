@@ -10,8 +10,10 @@
     │   ├── WrongExpectedVersion  optimistic concurrency on one stream
     │   ├── DuplicateEventId      an event id reused for different content
     │   └── PreconditionFailed    If-Match named a representation that changed
-    └── Unavailable               a dependency is down; retrying later may work
-        └── StoreUnavailable      PostgreSQL could not be reached
+    ├── Unavailable               a dependency is down; retrying later may work
+    │   └── StoreUnavailable      PostgreSQL could not be reached
+    └── Misconfigured             the settings cannot serve this; an operator must
+        └── KeyUnavailable        no master key listed unwraps a user's data key
 
 Driver exceptions are translated at the boundary (`raise ... from exc`); only the
 APIs turn these into HTTP answers.
@@ -73,4 +75,12 @@ class Unavailable(HelixError):
 
 
 class StoreUnavailable(Unavailable):
+    pass
+
+
+class Misconfigured(HelixError):
+    pass
+
+
+class KeyUnavailable(Misconfigured):
     pass

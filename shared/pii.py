@@ -26,6 +26,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import transaction
+from shared.errors import KeyUnavailable
 from shared.events.user import PII_FIELDS
 from shared.settings import Settings, get_settings
 
@@ -33,10 +34,6 @@ PREFIX = "pii:"
 ERASED = "[erased]"
 # A Fernet key is 44 bytes of base64; wrapped, it is a token three times that.
 UNWRAPPED_KEY_LENGTH = 44
-
-
-class KeyUnavailable(RuntimeError):
-    """A user's key is stored, but none of the master keys unwraps it."""
 
 
 _NO_MASTER_KEY = (

@@ -150,7 +150,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.HelixError)
-        return error_response(exc)
+        response = error_response(exc)
+        if response.status_code == 500:
+            # A misconfiguration: the client can do nothing, an operator must.
+            log.error("cannot serve the request", exc_info=exc)
+        return response
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         if is_unavailable(exc):

@@ -12,6 +12,7 @@ from shared import pii
 from shared.db import create_engine, transaction
 from shared.settings import Settings
 from tests.master_keys import master_keys_restored, use_master_keys
+from tests.user_api import bearer, register, sign_in
 
 pytestmark = pytest.mark.usefixtures(master_keys_restored.__name__)
 
@@ -66,3 +67,17 @@ async def test_a_key_no_listed_master_key_opens_is_an_error_not_an_erasure(engin
             await pii.load_keys(connection, [user])
     with pytest.raises(pii.KeyUnavailable):
         await pii.rewrap_all(engine)
+
+
+async def test_a_user_read_with_no_master_key_for_it_is_a_logged_500(client, caplog):
+    user = await register(client)
+    token = await sign_in(client, user["email"])
+    use_master_keys(Fernet.generate_key())
+
+    response = await client.get(
+        f"/api/v1/users/{user['id']}/history", headers=bearer(token)
+    )
+
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error"}
+    assert "HELIX_PII_MASTER_KEYS" in caplog.text
