@@ -97,6 +97,12 @@ def cpu_seconds(stack: ServiceStack) -> dict[str, float]:
     return used
 
 
+def own_cpu_seconds() -> float:
+    """CPU time of this process: the benchmark's clients share the machine too."""
+    times = os.times()
+    return times.user + times.system
+
+
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -245,8 +251,10 @@ def main() -> None:
             parts = stages(settings, trips)
         console.print(f"submitting {THROUGHPUT_JOBS} jobs from {CLIENTS} clients ...")
         cpu_before = cpu_seconds(stack)
+        client_before = own_cpu_seconds()
         elapsed, done, failed = asyncio.run(throughput(stack.base_url, auth))
         cpu_after = cpu_seconds(stack)
+        client_s = own_cpu_seconds() - client_before
     finally:
         stack.stop()
         databases.drop(name)
@@ -277,7 +285,8 @@ def main() -> None:
             "CPU per job during the throughput run (ms; PostgreSQL and RabbitMQ"
             " include any other load on this machine): "
             + ", ".join(f"{name} {ms:.1f}" for name, ms in per_job.items())
-            + f"; total {sum(per_job.values()):.1f} on {os.cpu_count()} cores"
+            + f"; total {sum(per_job.values()):.1f} on {os.cpu_count()} cores,"
+            f" besides {client_s / done * 1000:.1f} for the benchmark's own clients"
         )
     console.print(
         f"p50 ratio job/bare: {ratio:.1f}x (target <= 2x)\n"
