@@ -5,6 +5,9 @@ for one (`LogListener`). A notification is only a hint: it can be lost while the
 listening connection is down, and it can arrive before the event is below the read
 horizon. Readers wait for a wake-up *or* a poll interval, whichever comes first, so
 they never depend on it.
+
+`NotificationListener` is the reconnecting LISTEN loop under `LogListener`, and
+under the query API's wake-ups for jobs (on `JOBS_CHANNEL`).
 """
 
 import asyncio
@@ -16,6 +19,8 @@ import psycopg
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "helix_events"
+# The jobs projection's: the id of a job whose status changed, at commit.
+JOBS_CHANNEL = "helix_jobs"
 
 
 async def notify_tailers(driver: psycopg.AsyncConnection) -> None:
@@ -41,16 +46,26 @@ async def notify_tailers(driver: psycopg.AsyncConnection) -> None:
         log.warning("could not notify tailers", extra={"error": str(exc)})
 
 
-class LogListener:
+class NotificationListener:
+    """LISTENs on one channel, on a connection of its own, for good.
+
+    It reconnects whenever the connection drops. Subclasses say what a
+    notification means, and what to do after each (re)connection, when
+    notifications may have been missed meanwhile.
+    """
+
+    channel: str
+
     def __init__(self, dsn: str, *, reconnect_delay_s: float = 1.0) -> None:
         self._dsn = dsn
         self._reconnect_delay_s = reconnect_delay_s
-        self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    def _listen_in_background(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._listen(), name="log-listener")
+            self._task = asyncio.create_task(
+                self._listen(), name=f"listen-{self.channel}"
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -58,6 +73,43 @@ class LogListener:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def _connected(self) -> None:
+        raise NotImplementedError
+
+    def _notified(self, payload: str) -> None:
+        raise NotImplementedError
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=5
+                )
+                async with connection:
+                    await connection.execute(f"LISTEN {self.channel}")
+                    self._connected()
+                    async for notification in connection.notifies():
+                        self._notified(notification.payload)
+            except psycopg.Error as exc:
+                log.warning(
+                    "listener disconnected, retrying",
+                    extra={"channel": self.channel, "error": str(exc)},
+                )
+                await asyncio.sleep(self._reconnect_delay_s)
+
+
+class LogListener(NotificationListener):
+    """Wakes a tailer of the log when events may have committed."""
+
+    channel = NOTIFY_CHANNEL
+
+    def __init__(self, dsn: str, *, reconnect_delay_s: float = 1.0) -> None:
+        super().__init__(dsn, reconnect_delay_s=reconnect_delay_s)
+        self._woken = asyncio.Event()
+
+    async def start(self) -> None:
+        self._listen_in_background()
 
     async def wait(self, timeout_s: float) -> bool:
         """Wait for a new-events hint, at most `timeout_s` seconds; True if woken."""
@@ -68,20 +120,9 @@ class LogListener:
         self._woken.clear()
         return True
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                connection = await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=5
-                )
-                async with connection:
-                    await connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    # Events may have committed while we were not listening.
-                    self._woken.set()
-                    async for _ in connection.notifies():
-                        self._woken.set()
-            except psycopg.Error as exc:
-                log.warning(
-                    "event listener disconnected, retrying", extra={"error": str(exc)}
-                )
-                await asyncio.sleep(self._reconnect_delay_s)
+    def _connected(self) -> None:
+        # Events may have committed while nobody listened.
+        self._woken.set()
+
+    def _notified(self, payload: str) -> None:
+        self._woken.set()

@@ -22,8 +22,7 @@ from projectors.framework import (
 from shared.db import driver_connection
 from shared.event_store import RecordedEvent
 from shared.jobs.state import job_changes
-
-JOBS_CHANNEL = "helix_jobs"
+from shared.log_listener import JOBS_CHANNEL
 
 COLUMNS = {
     "id": "uuid PRIMARY KEY",
