@@ -7,10 +7,10 @@ Tasks go out as Celery's own client would send them (message protocol 2, with
 the task-sent event that Flower shows), but over the dispatcher's aio-pika
 connection: a batch is published at once and its confirms awaited together, with
 no thread and no wait per task. A message is acknowledged only after the broker
-confirmed the task. The
-"dispatcher" checkpoint is saved every half second while busy and once idle, not
-per batch; a crash therefore sends the tasks of the last moments again and never
-loses one. Sending twice is harmless: the worker runs a job at most once.
+confirmed the task. The "dispatcher" checkpoint is saved every half second
+while busy and once idle, not per batch; a crash therefore sends the tasks of the
+last moments again and never loses one. Sending twice is harmless: the worker
+runs a job at most once.
 
 On start, and whenever it has been idle a while, the dispatcher also reads the
 log after its checkpoint, so an event it never received from the broker (the
@@ -59,6 +59,7 @@ from shared.jobs.messaging import (
     RUN_JOB_TASK,
     celery_app,
 )
+from shared.jobs.state import job_lock_key
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,11 @@ REDISPATCH_LIMIT = 100
 REDISPATCH_LOCK_KEY = 0x48454C4958524544  # "HELIXRED"
 
 # Jobs that should have a task message somewhere and show no sign of one. The
-# runner holds an advisory lock on hashtextextended(<stream>, 0) while it works;
-# pg_locks shows a bigint key split in two halves, objsubid 1.
-_STALE_JOBS = """
+# worker holds the job's advisory lock while it runs it; pg_locks shows a bigint
+# key split in two halves, objsubid 1.
+_STALE_JOBS = f"""
 SELECT j.id FROM job_statuses j
-CROSS JOIN LATERAL (SELECT hashtextextended('job-' || j.id::text, 0) AS k) lock
+CROSS JOIN LATERAL (SELECT {job_lock_key("'job-' || j.id::text")} AS k) lock
 WHERE (
         (j.status IN ('PENDING', 'STARTED') AND j.updated_at < now() - %(after)s)
      OR (j.status = 'RETRY' AND j.retry_at < now() - %(after)s)

@@ -61,7 +61,7 @@ from shared.jobs import (
     UnknownTask,
 )
 from shared.jobs.retries import retry_delay_s
-from shared.jobs.state import JobState, job_stream
+from shared.jobs.state import JobState, job_lock_key, job_stream
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -366,8 +366,8 @@ class JobRunner:
         and no transaction, so it never holds back the log's read horizon, and
         PostgreSQL frees it when the session ends, however the worker died.
         """
-        key = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
-        unlock = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
+        key = f"SELECT pg_try_advisory_lock({job_lock_key('%s')})"
+        unlock = f"SELECT pg_advisory_unlock({job_lock_key('%s')})"
         async with connect(self.engine) as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
             driver = await driver_connection(connection)

@@ -20,6 +20,12 @@ def job_stream(job_id: UUID) -> str:
     return stream_name("job", job_id)
 
 
+def job_lock_key(stream: str) -> str:
+    """SQL for the key of the advisory lock a worker holds while it runs a job;
+    `stream` is SQL that gives the job's stream name."""
+    return f"hashtextextended({stream}, 0)"
+
+
 def job_changes(recorded: RecordedEvent) -> dict[str, Any]:
     """What an event after JobSubmitted changes in a job, field by field.
 

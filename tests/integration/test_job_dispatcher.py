@@ -18,7 +18,7 @@ from shared.db import transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobRetryScheduled, JobStarted, JobSubmitted
 from shared.jobs.messaging import DISPATCHER, RUN_JOB_TASK
-from shared.jobs.state import job_stream
+from shared.jobs.state import job_lock_key, job_stream
 
 META = EventMetadata(source="tests")
 
@@ -206,7 +206,7 @@ async def test_a_job_a_worker_holds_is_not_sent_again(
     )
     async with worker:
         await worker.execute(
-            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (job_stream(job_id),)
+            f"SELECT pg_advisory_lock({job_lock_key('%s')})", (job_stream(job_id),)
         )
 
         assert await dispatcher.redispatch_lost() == 0
