@@ -24,6 +24,7 @@ from shared import pii
 from shared.db import connect
 from shared.errors import UnknownEventType
 from shared.events import registry
+from shared.jobs.state import job_stream
 from shared.users import user_id_of, user_stream
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
@@ -110,6 +111,15 @@ async def _page(
     return HistoryPage(items=items, next_after=items[-1].position if full else None)
 
 
+async def _stream_page(
+    connection: AsyncConnection, stream_id: str, after: int, limit: int
+) -> HistoryPage:
+    """One stream's events after position `after`, in position order."""
+    filters = ["stream_id = %(stream_id)s", "position > %(after)s"]
+    params = {"stream_id": stream_id, "after": after}
+    return await _page(connection, filters, params, limit)
+
+
 @router.get("/users/{user_id}/history", response_model=HistoryPage)
 async def user_history(
     user_id: UUID,
@@ -121,10 +131,8 @@ async def user_history(
     """Every event of one user's stream (self or superuser)."""
     if not principal.may_act_on(user_id):
         raise HTTPException(404, "user not found")
-    filters = ["stream_id = %(stream_id)s", "position > %(after)s"]
-    params = {"stream_id": user_stream(user_id), "after": after}
     async with connect(engine) as connection:
-        page = await _page(connection, filters, params, limit)
+        page = await _stream_page(connection, user_stream(user_id), after, limit)
     if not page.items and after == 0:
         raise HTTPException(404, "user not found")
     return page
@@ -139,7 +147,7 @@ async def job_history(
     limit: Limit = DEFAULT_PAGE,
 ) -> HistoryPage:
     """Every event of one job's stream (owner or superuser)."""
-    stream_id = f"job-{job_id}"
+    stream_id = job_stream(job_id)
     async with connect(engine) as connection:
         # The owner as the log has it, so this never waits on the jobs projection.
         result = await connection.exec_driver_sql(
@@ -152,9 +160,7 @@ async def job_history(
             principal.is_superuser or owner == str(principal.user_id)
         ):
             raise HTTPException(404, "job not found")
-        filters = ["stream_id = %(stream_id)s", "position > %(after)s"]
-        params = {"stream_id": stream_id, "after": after}
-        return await _page(connection, filters, params, limit)
+        return await _stream_page(connection, stream_id, after, limit)
 
 
 @router.get("/audit", response_model=HistoryPage)
