@@ -448,14 +448,21 @@ async def test_a_password_change_lets_the_new_password_in_and_ends_old_tokens(
     assert old.status_code == 401
 
 
-async def test_only_a_superuser_changes_roles_and_activation(
+async def user_beside_a_superuser(
     client: httpx.AsyncClient, app_settings: Settings
-) -> None:
+) -> tuple[str, str, str, str]:
+    """A new user's email, URL and token, and a superuser's token."""
     email = unique_email()
     user = await register(client, email)
     token = await sign_in(client, email)
     admin = await superuser_token(client, app_settings)
-    url = f"/api/v1/users/{user['id']}"
+    return email, f"/api/v1/users/{user['id']}", token, admin
+
+
+async def test_only_a_superuser_changes_roles_and_activation(
+    client: httpx.AsyncClient, app_settings: Settings
+) -> None:
+    _, url, token, admin = await user_beside_a_superuser(client, app_settings)
 
     self_promotion = await client.patch(
         url, json={"is_superuser": True}, headers=bearer(token)
@@ -471,11 +478,7 @@ async def test_only_a_superuser_changes_roles_and_activation(
 async def test_deactivation_by_a_superuser_ends_the_users_tokens(
     client: httpx.AsyncClient, app_settings: Settings
 ) -> None:
-    email = unique_email()
-    user = await register(client, email)
-    token = await sign_in(client, email)
-    admin = await superuser_token(client, app_settings)
-    url = f"/api/v1/users/{user['id']}"
+    email, url, token, admin = await user_beside_a_superuser(client, app_settings)
 
     deactivated = await client.patch(
         url, json={"is_active": False}, headers=bearer(admin)
