@@ -4,12 +4,13 @@
 an UPDATE that is not idempotent on purpose, so applying an event twice shows.
 """
 
+import uuid
 from collections.abc import Sequence
 
 from projectors.framework import Projection, ProjectionTx
-from shared.event_store import RecordedEvent
+from shared.event_store import NO_STREAM, EventMetadata, EventStore, RecordedEvent
 from shared.events.registry import DomainEvent
-from tests.sample_events import sample_events
+from tests.sample_events import ThingHappened, sample_events
 
 
 class ThingNoted(DomainEvent):
@@ -95,3 +96,27 @@ def make_sql_projection(name: str = "things") -> Projection:
         )
 
     return projection
+
+
+async def append_things(
+    store: EventStore, count: int, *, noted_at: int | None = None
+) -> list[str]:
+    """Append `count` things, one stream each; a ThingNoted after the `noted_at`th."""
+    streams = []
+    for index in range(count):
+        stream = f"thing-{uuid.uuid4()}"
+        await store.append(
+            stream,
+            [ThingHappened(name=f"t{index}", size=index)],
+            expected_version=NO_STREAM,
+            metadata=EventMetadata(source="tests"),
+        )
+        streams.append(stream)
+        if index == noted_at:
+            await store.append(
+                f"note-{uuid.uuid4()}",
+                [ThingNoted(note="stop here")],
+                expected_version=NO_STREAM,
+                metadata=EventMetadata(source="tests"),
+            )
+    return streams

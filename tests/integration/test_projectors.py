@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +22,6 @@ from projectors.relay import Relay
 from shared.checkpoints import checkpoint
 from shared.db import connect, transaction
 from shared.event_store import (
-    NO_STREAM,
     EventMetadata,
     EventStore,
     LogPosition,
@@ -31,34 +29,14 @@ from shared.event_store import (
 )
 from shared.settings import Settings
 from tests.broker import delete_broker_objects, rabbitmq_stopped
-from tests.sample_events import ThingHappened, ThingRenamed, sample_events
-from tests.sample_projection import ThingNoted, make_projection, make_sql_projection
+from tests.sample_events import ThingRenamed, sample_events
+from tests.sample_projection import (
+    append_things,
+    make_projection,
+    make_sql_projection,
+)
 
 META = EventMetadata(source="tests")
-
-
-async def append_things(
-    store: EventStore, count: int, *, noted_at: int | None = None
-) -> list[str]:
-    """Append `count` things, one stream each; a ThingNoted after the `noted_at`th."""
-    streams = []
-    for index in range(count):
-        stream = f"thing-{uuid.uuid4()}"
-        await store.append(
-            stream,
-            [ThingHappened(name=f"t{index}", size=index)],
-            expected_version=NO_STREAM,
-            metadata=META,
-        )
-        streams.append(stream)
-        if index == noted_at:
-            await store.append(
-                f"note-{uuid.uuid4()}",
-                [ThingNoted(note="stop here")],
-                expected_version=NO_STREAM,
-                metadata=META,
-            )
-    return streams
 
 
 async def settled(store: EventStore) -> LogPosition:

@@ -17,8 +17,8 @@ from shared.db import create_engine, transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobSubmitted
 from shared.settings import Settings
-from tests.sample_events import ThingHappened, ThingRenamed, sample_events
-from tests.sample_projection import make_projection
+from tests.sample_events import ThingRenamed, sample_events
+from tests.sample_projection import append_things, make_projection
 
 META = EventMetadata(source="tests")
 runner = CliRunner()
@@ -40,16 +40,7 @@ def given(database_url: str, sql: str | None = None, things: int = 5) -> list[st
         store = EventStore(engine, sample_events)
         projection = make_projection()
         await ensure_created(engine, [projection])
-        streams = []
-        for index in range(things):
-            stream = f"thing-{uuid.uuid4()}"
-            await store.append(
-                stream,
-                [ThingHappened(name=f"t{index}", size=index)],
-                expected_version=NO_STREAM,
-                metadata=META,
-            )
-            streams.append(stream)
+        streams = await append_things(store, things)
         await store.append(
             streams[0],
             [ThingRenamed(old_name="t0", new_name="[red]first[/red]")],
