@@ -217,8 +217,8 @@ class EventStore:
         params = self._encode(stream_id, events, metadata, event_ids)
         params["expected_version"] = expected_version
         if connection is not None:
-            result: AppendResult = await self._append(connection, params)
             driver = await driver_connection(connection)
+            result: AppendResult = await self._append(driver, params)
             if driver.autocommit:
                 # No transaction around it: the statement has committed already.
                 await notify_tailers(driver)
@@ -285,10 +285,10 @@ class EventStore:
                 await driver.set_autocommit(False)
 
     async def _append(
-        self, connection: AsyncConnection, params: dict[str, Any]
+        self, driver: psycopg.AsyncConnection, params: dict[str, Any]
     ) -> AppendResult:
         try:
-            return await self._insert(await driver_connection(connection), params)
+            return await self._insert(driver, params)
         except psycopg.OperationalError as exc:
             if is_unavailable(exc):
                 raise StoreUnavailable("PostgreSQL is unavailable") from exc
