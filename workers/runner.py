@@ -2,7 +2,9 @@
 
 Every delivery of a job's task comes here, however many there are. The runner
 first takes a PostgreSQL advisory lock named after the job, on a session of its
-own, and holds it until the job's outcome is appended:
+own, and holds it until the job's outcome is appended; it reads and appends on
+that session (in autocommit, each append its own transaction), so it never
+writes without holding the lock:
 
 - lock taken by someone else: another worker runs this job right now, so this
   delivery is a duplicate and does nothing;
@@ -321,10 +323,8 @@ class JobRunner:
             return False
         return bool(retry_on) and isinstance(error, retry_on)
 
-    async def _load(
-        self, stream: str, connection: AsyncConnection | None = None
-    ) -> JobState:
-        events = await self.store.read_stream(stream, connection=connection)
+    async def _load(self, stream: str, session: AsyncConnection) -> JobState:
+        events = await self.store.read_stream(stream, connection=session)
         return JobState.from_events(events)
 
     async def _refresh(self, session: AsyncConnection, state: JobState) -> JobState:
