@@ -26,8 +26,6 @@ to be running or finished after all makes the second delivery a no-op.
 import asyncio
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -37,26 +35,21 @@ from uuid import uuid4
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractConnection,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
 )
 from celery import Celery
-from celery.events import Event
-from celery.utils.time import utcoffset
-from kombu.clocks import LamportClock
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.batches import consume_in_batches, every
 from projectors.relay import BROKER_ERRORS, declare_exchange
+from projectors.task_sender import TaskSender
 from shared.checkpoints import checkpoint, read_checkpoint, save_checkpoint
 from shared.db import create_engine, transaction
 from shared.event_store import EventStore, LogPosition
 from shared.jobs.messaging import (
     DISPATCHED_TYPES,
     DISPATCHER,
-    RUN_JOB_TASK,
     celery_app,
 )
 from shared.jobs.state import job_lock_key
@@ -276,103 +269,6 @@ class Dispatcher:
     async def _send(self, tasks: list[dict[str, Any]]) -> None:
         await self.sender.send(tasks)
         self.dispatched += len(tasks)
-
-
-class TaskSender:
-    """Publishes the worker's task the way `Celery.send_task` would.
-
-    The message is built by Celery itself (`as_task_v2`) and goes, persistent,
-    to the exchange and routing key of the jobs queue as the Celery app declares
-    it; the task-sent event goes to Celery's event exchange, transient, as a
-    client with `task_send_sent_event` would send it.
-    """
-
-    def __init__(self, celery: Celery, queue: str) -> None:
-        self.celery = celery
-        self.queue = celery.amqp.queues[queue]
-        self.hostname = f"dispatcher@{socket.gethostname()}"
-        self.clock = LamportClock()
-        self._channel: AbstractChannel | None = None
-        self._tasks: AbstractExchange | None = None
-        self._events: AbstractExchange | None = None
-
-    async def open(self, connection: AbstractConnection) -> None:
-        """Declare the jobs queue as the worker does, on a confirming channel."""
-        channel = self._channel = await connection.channel(publisher_confirms=True)
-        exchange = self.queue.exchange
-        self._tasks = await channel.declare_exchange(
-            exchange.name, aio_pika.ExchangeType(exchange.type), durable=True
-        )
-        queue = await channel.declare_queue(self.queue.name, durable=True)
-        await queue.bind(self._tasks, self.queue.routing_key)
-        self._events = await channel.declare_exchange(
-            self.celery.conf.event_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-
-    async def waiting(self) -> int:
-        """How many tasks wait in the jobs queue, not yet taken by a worker."""
-        if self._channel is None:
-            raise ConnectionError("the task sender is not connected")
-        queue = await self._channel.declare_queue(self.queue.name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-    async def send(self, tasks: Sequence[dict[str, Any]]) -> None:
-        """Publish every task (and its task-sent event); return once all are
-        confirmed by the broker."""
-        if self._tasks is None or self._events is None:
-            raise ConnectionError("the task sender is not connected")
-        publishes = []
-        for task in tasks:
-            message = self.celery.amqp.as_task_v2(
-                task["task_id"],
-                RUN_JOB_TASK,
-                args=[task["job_id"]],
-                kwargs={},
-                eta=task["eta"],
-                create_sent_event=True,
-            )
-            publishes.append(
-                self._tasks.publish(
-                    aio_pika.Message(
-                        json.dumps(message.body).encode(),
-                        content_type="application/json",
-                        content_encoding="utf-8",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        priority=0,
-                        headers=message.headers,
-                        **message.properties,
-                    ),
-                    self.queue.routing_key,
-                    timeout=30,
-                )
-            )
-            publishes.append(self._publish_sent_event(message.sent_event))
-        await asyncio.gather(*publishes)
-
-    async def _publish_sent_event(self, fields: dict[str, Any]) -> None:
-        assert self._events is not None
-        event = Event(
-            "task-sent",
-            hostname=self.hostname,
-            utcoffset=utcoffset(),
-            pid=os.getpid(),
-            clock=self.clock.forward(),
-            queue=self.queue.name,
-            exchange=self.queue.exchange.name,
-            routing_key=self.queue.routing_key,
-            **fields,
-        )
-        await self._events.publish(
-            aio_pika.Message(
-                json.dumps(event).encode(),
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-                headers={"hostname": self.hostname},
-            ),
-            "task.sent",
-            timeout=30,
-        )
 
 
 async def checkpoint_in(connection: Any) -> LogPosition:
