@@ -4,6 +4,8 @@ import asyncio
 import logging
 import signal
 
+import uvloop
+
 from projectors.runner import run
 from shared.logging import configure_logging
 from shared.settings import get_settings
@@ -23,4 +25,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     configure_logging(get_settings())
-    asyncio.run(main())
+    uvloop.run(main())

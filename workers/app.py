@@ -1,10 +1,11 @@
 """The Celery app of the worker: `celery -A workers worker`."""
 
 import logging
+import time
 from typing import Any
 from uuid import UUID
 
-from celery import Task
+from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
 from shared.errors import Unavailable
@@ -16,7 +17,7 @@ from workers.runtime import close_runtime, current_runtime
 log = logging.getLogger(__name__)
 UNAVAILABLE_RETRY_S = 2.0
 
-app = celery_app(get_settings(), name="helixnet-workers")
+app = celery_app(get_settings(), name="helixnet-workers", worker=True)
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
@@ -34,15 +35,18 @@ def _close_runtime(**_: Any) -> None:
     close_runtime()
 
 
-@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def run_job(self: Task, job_id: str) -> str:
+@app.task(name=RUN_JOB_TASK)  # type: ignore[untyped-decorator]
+def run_job(job_id: str) -> str:
     """Run job `job_id` if it still needs running; every outcome is an event."""
     try:
         return current_runtime().run(current_runtime().runner.run(UUID(job_id)))
     except Unavailable as exc:
-        # PostgreSQL is down: nothing was decided, so send this delivery again later.
+        # PostgreSQL is down and nothing was decided: give the delivery back to
+        # the queue after a pause, rather than publish a copy of it (the worker
+        # sends nothing that needs a confirm), and take it again.
         log.warning("job store unavailable, retrying", extra={"job_id": job_id})
-        raise self.retry(exc=exc, countdown=UNAVAILABLE_RETRY_S) from exc
+        time.sleep(UNAVAILABLE_RETRY_S)
+        raise Reject(exc, requeue=True) from exc
 
 
 @app.task(name="helix.ping")  # type: ignore[untyped-decorator]

@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import create_engine
@@ -59,7 +60,7 @@ def close_runtime() -> None:
 
 
 def _build(settings: Settings) -> Runtime:
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     engine = create_engine(settings, pool_size=POOL_SIZE)
     runner = JobRunner(
         engine=engine,

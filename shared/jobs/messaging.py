@@ -47,9 +47,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def celery_app(settings: Settings, name: str = "helixnet") -> Celery:
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """The worker's options: those above, less publisher confirms.
+
+    A worker publishes only monitoring events (task-received, -started,
+    -succeeded, heartbeats), which are transient; waiting for the broker to
+    confirm each one held up every task. It never sends a task: a delivery it
+    cannot run yet goes back to the queue instead (`workers.app`).
+    """
+    config = celery_config(settings)
+    config["broker_transport_options"] = {"confirm_publish": False}
+    return config
+
+
+def celery_app(
+    settings: Settings, name: str = "helixnet", *, worker: bool = False
+) -> Celery:
     app = Celery(name, set_as_current=False)
-    app.conf.update(celery_config(settings))
+    app.conf.update(worker_config(settings) if worker else celery_config(settings))
     return app
 
 

@@ -1,14 +1,15 @@
 """A bare Celery app, the benchmark's baseline: a no-op task and an rpc:// result.
 
-It runs on the same broker and with the same worker options as the job worker,
-minus everything HelixNet Core adds: `celery -A tests.benchmarks.bare_celery worker`.
+It runs on the same broker and with the same worker options as the job worker
+(`worker_config`), minus everything HelixNet Core adds:
+`celery -A tests.benchmarks.bare_celery worker`.
 """
 
 from typing import Any
 
 from celery import Celery
 
-from shared.jobs.messaging import celery_config
+from shared.jobs.messaging import worker_config
 from shared.settings import get_settings
 
 BARE_TASK = "bench.noop"
@@ -21,7 +22,7 @@ def bare_queue(jobs_queue: str) -> str:
 def make_app() -> Celery:
     settings = get_settings()
     app = Celery("bench-bare", set_as_current=False)
-    config: dict[str, Any] = celery_config(settings)
+    config: dict[str, Any] = worker_config(settings)
     config.pop("task_queues")
     config.update(
         task_default_queue=bare_queue(settings.jobs_queue),
