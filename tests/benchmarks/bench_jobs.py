@@ -92,7 +92,6 @@ def cpu_seconds(stack: ServiceStack) -> dict[str, float]:
         return own + sum(tree(c) for c, (_, p, _) in processes.items() if p == pid)
 
     used = {name: tree(process.pid) for name, process in stack.processes.items()}
-    used.pop("bare", None)
     used["postgres"] = sum(t for n, _, t in processes.values() if n == "postgres")
     used["rabbitmq"] = sum(t for n, _, t in processes.values() if "beam" in n)
     return used
@@ -250,13 +249,16 @@ def main() -> None:
         with stack.client() as client:
             auth = sign_up(client)
             console.print("measuring the bare Celery round trip ...")
+            bare_before = cpu_seconds(stack)
             bare = bare_round_trips(stack)
+            bare_after = cpu_seconds(stack)
             console.print("measuring the job round trip ...")
             trips = job_round_trips(client, auth)
             jobs = [trip.read - trip.posted for trip in trips]
             parts = stages(settings, trips)
         console.print(f"submitting {THROUGHPUT_JOBS} jobs from {CLIENTS} clients ...")
         cpu_before = cpu_seconds(stack)
+        cpu_before.pop("bare", None)
         client_before = own_cpu_seconds()
         elapsed, done, failed = asyncio.run(throughput(stack.base_url, auth))
         cpu_after = cpu_seconds(stack)
@@ -281,6 +283,10 @@ def main() -> None:
         )
     console.print(table)
     ratio = percentile(jobs, 50) / percentile(bare, 50)
+    if bare_before:
+        tasks = WARM_UP + len(bare)
+        bare_ms = (bare_after["bare"] - bare_before["bare"]) / tasks * 1000
+        console.print(f"CPU of the bare Celery worker per no-op task: {bare_ms:.1f} ms")
     rate = done / elapsed
     if cpu_before and done:
         per_job = {
