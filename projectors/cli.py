@@ -13,6 +13,7 @@ Settings come from the `HELIX_*` environment, like every other process.
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, TypeVar
@@ -56,6 +57,9 @@ app.add_typer(keys_app, name="keys")
 console = Console()
 errors = Console(stderr=True)
 T = TypeVar("T")
+# How long `events tail --follow` waits for a wake-up before it looks again, and
+# so how soon it notices it was told to stop.
+FOLLOW_POLL_S = 0.5
 
 
 def load_projections() -> list[Projection]:
@@ -294,10 +298,17 @@ def events_tail(
         if not follow:
             return
         after = events[-1].log_position if events else await store.head()
+        # Stop on SIGINT or SIGTERM by a flag the loop checks, not by cancelling
+        # it: on Python 3.11 a cancel that lands as the listener wakes the loop
+        # can be swallowed by `wait_for`, and the tail would run on.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
         listener = LogListener(Settings().psycopg_dsn)
         await listener.start()
         try:
-            while True:
+            while not stopping.is_set():
                 events = await store.read_all(
                     after, limit=500, categories=categories, types=types
                 )
@@ -305,7 +316,7 @@ def events_tail(
                     _print_events(events, as_json)
                     after = events[-1].log_position
                 else:
-                    await listener.wait(1.0)
+                    await listener.wait(FOLLOW_POLL_S)
         finally:
             await listener.stop()
 

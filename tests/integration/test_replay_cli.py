@@ -170,3 +170,58 @@ async def test_events_tail_follow_prints_new_events_as_they_commit(database_url)
 
     assert seen == ["before", "first", "second"]
     assert tail.returncode == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_events_tail_follow_stops_on_a_signal_while_events_keep_coming(
+    database_url, signum
+):
+    """Told to stop while the log keeps waking it, the tail still ends, cleanly."""
+    engine = create_engine(Settings(database_url=database_url), pool_size=2)
+    store = EventStore(engine)
+    appending = True
+
+    async def keep_appending() -> None:
+        while appending:
+            event = JobSubmitted(
+                owner_id=uuid.uuid4(),
+                task="echo",
+                payload={},
+                max_retries=0,
+                timeout_s=1,
+            )
+            stream = f"job-{uuid.uuid4()}"
+            await store.append(
+                stream, [event], expected_version=NO_STREAM, metadata=META
+            )
+            await asyncio.sleep(0.002)
+
+    appender = asyncio.create_task(keep_appending())
+    tail = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "helix"),
+        *("events", "tail", "--category", "job", "--follow", "--json"),
+        env={**os.environ, "HELIX_DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert tail.stdout is not None
+        for _ in range(50):
+            # Following for real: new events keep being printed.
+            json.loads(await asyncio.wait_for(tail.stdout.readline(), 30))
+        tail.send_signal(signum)
+
+        async def drain() -> None:
+            assert tail.stdout is not None
+            while await tail.stdout.readline():
+                pass
+
+        await asyncio.wait_for(asyncio.gather(drain(), tail.wait()), 10)
+    finally:
+        appending = False
+        await appender
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+        await engine.dispose()
+
+    assert tail.returncode == 0
