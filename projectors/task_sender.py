@@ -3,7 +3,9 @@
 The dispatcher runs on an aio-pika connection; Celery's publisher blocks and waits
 for each confirm in turn. This builds the very message Celery would (protocol 2,
 by Celery's own `as_task_v2`) and publishes a whole batch at once on a confirming
-channel, with the task-sent event that Flower shows.
+channel, with the task-sent event that Flower shows. The events go on a second
+channel without confirms: they are transient monitoring, as Celery's own events
+are, and waiting for the broker to confirm each would only slow the tasks.
 """
 
 import asyncio
@@ -42,7 +44,8 @@ class TaskSender:
         self._events: AbstractExchange | None = None
 
     async def open(self, connection: AbstractConnection) -> None:
-        """Declare the jobs queue as the worker does, on a confirming channel."""
+        """Declare the jobs queue as the worker does, on a confirming channel;
+        the event exchange on a channel of its own, without confirms."""
         channel = self._channel = await connection.channel(publisher_confirms=True)
         exchange = self.queue.exchange
         self._tasks = await channel.declare_exchange(
@@ -50,7 +53,8 @@ class TaskSender:
         )
         queue = await channel.declare_queue(self.queue.name, durable=True)
         await queue.bind(self._tasks, self.queue.routing_key)
-        self._events = await channel.declare_exchange(
+        events = await connection.channel(publisher_confirms=False)
+        self._events = await events.declare_exchange(
             self.celery.conf.event_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
 
