@@ -120,5 +120,8 @@ class TaskSender:
                 headers={"hostname": self.hostname},
             ),
             "task.sent",
+            # Nobody may be listening (Flower not running): then the event is
+            # dropped, as Celery's own are, instead of returned to the sender.
+            mandatory=False,
             timeout=30,
         )

@@ -165,6 +165,7 @@ class JobRunner:
         future = asyncio.get_running_loop().run_in_executor(
             self.executor, task_type.run, state.payload, context
         )
+        future.add_done_callback(_retrieve_outcome)
         done, _ = await asyncio.wait({future}, timeout=min(QUICK_S, state.timeout_s))
         if done:
             return await self._finish_quick(session, state, started, _ended(future))
@@ -384,6 +385,14 @@ class JobRunner:
                         # to the pool.
                         await connection.invalidate()
                         raise
+
+
+def _retrieve_outcome(future: "asyncio.Future[Any]") -> None:
+    """Mark a handler's outcome as seen. An attempt that ended without it (cancelled,
+    timed out) leaves the handler to stop on its own, and asyncio would log its
+    JobInterrupted as an error nobody retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ended(future: "asyncio.Future[Any]") -> _Ending:

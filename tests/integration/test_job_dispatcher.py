@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -112,6 +113,25 @@ async def test_a_published_retry_is_dispatched_with_its_eta(
 
     assert args == [str(job_id)]
     assert datetime.fromisoformat(headers["eta"]) == retry_at
+
+
+async def test_task_sent_events_nobody_listens_to_are_dropped_quietly(
+    store, settings, engine, tasks, caplog
+):
+    """With no Flower bound to Celery's event exchange, sending logs no error."""
+    await submit(store)
+    stopping = asyncio.Event()
+    running = asyncio.create_task(Dispatcher(settings, engine).run(stopping))
+    try:
+        await asyncio.wait_for(tasks.get(), 30)
+        # Long enough for a returned event to come back and be logged.
+        await asyncio.sleep(0.5)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, 30)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_each_task_is_announced_to_flower_with_a_task_sent_event(

@@ -1,6 +1,8 @@
 """The worker's job runner against a real PostgreSQL, without Celery around it."""
 
 import asyncio
+import gc
+import logging
 import time
 import uuid
 
@@ -126,6 +128,22 @@ async def test_a_job_over_its_timeout_fails_saying_it_timed_out(runner, store):
     state = await state_of(store, job_id)
     assert state.status == "FAILURE"
     assert state.message == "timed out after 0.5 s"
+
+
+async def test_a_handler_stopped_by_its_timeout_leaves_no_error_in_the_log(
+    runner, store, caplog
+):
+    """The handler raises once it sees its stop, after the attempt has ended:
+    that is expected, not an error nobody retrieved."""
+    job_id = await submit(store, "sleep", {"seconds": 120}, timeout_s=0.3)
+
+    assert await runner.run(job_id) == "failed"
+    # The sleep notices its stop within a second, and its future is then dropped.
+    await asyncio.sleep(1.5)
+    gc.collect()
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_a_sleep_reports_progress_while_it_runs(runner, store):
