@@ -128,30 +128,36 @@ def test_events_stream_prints_one_stream_in_version_order(helix, database_url):
     assert '"new_name": "[red]first[/red]"' in lines[1]
 
 
+async def submit_job(store: EventStore, task: str) -> None:
+    event = JobSubmitted(
+        owner_id=uuid.uuid4(), task=task, payload={}, max_retries=0, timeout_s=1
+    )
+    stream = f"job-{uuid.uuid4()}"
+    await store.append(stream, [event], expected_version=NO_STREAM, metadata=META)
+
+
+async def follow_jobs(database_url: str, *options: str) -> asyncio.subprocess.Process:
+    """The real `helix events tail --follow` on job events, printing JSON lines."""
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "helix"),
+        *("events", "tail", "--category", "job", *options, "--follow", "--json"),
+        env={**os.environ, "HELIX_DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
 async def test_events_tail_follow_prints_new_events_as_they_commit(database_url):
     """The real `helix` process: the last event first, then each new one."""
     engine = create_engine(Settings(database_url=database_url), pool_size=2)
     store = EventStore(engine)
 
-    async def submit(task: str) -> None:
-        event = JobSubmitted(
-            owner_id=uuid.uuid4(), task=task, payload={}, max_retries=0, timeout_s=1
-        )
-        stream = f"job-{uuid.uuid4()}"
-        await store.append(stream, [event], expected_version=NO_STREAM, metadata=META)
-
-    await submit("before")
+    await submit_job(store, "before")
     async with asyncio.timeout(30):
         while True:
             if await store.read_all():
                 break
             await asyncio.sleep(0.01)
-    tail = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "helix"),
-        *("events", "tail", "--category", "job", "--limit", "1", "--follow", "--json"),
-        env={**os.environ, "HELIX_DATABASE_URL": database_url},
-        stdout=asyncio.subprocess.PIPE,
-    )
+    tail = await follow_jobs(database_url, "--limit", "1")
     try:
         assert tail.stdout is not None
 
@@ -161,7 +167,7 @@ async def test_events_tail_follow_prints_new_events_as_they_commit(database_url)
 
         seen = [await next_task()]
         for task in ("first", "second"):
-            await submit(task)
+            await submit_job(store, task)
         seen += [await next_task(), await next_task()]
     finally:
         tail.send_signal(signal.SIGINT)
@@ -183,26 +189,11 @@ async def test_events_tail_follow_stops_on_a_signal_while_events_keep_coming(
 
     async def keep_appending() -> None:
         while appending:
-            event = JobSubmitted(
-                owner_id=uuid.uuid4(),
-                task="echo",
-                payload={},
-                max_retries=0,
-                timeout_s=1,
-            )
-            stream = f"job-{uuid.uuid4()}"
-            await store.append(
-                stream, [event], expected_version=NO_STREAM, metadata=META
-            )
+            await submit_job(store, "echo")
             await asyncio.sleep(0.002)
 
     appender = asyncio.create_task(keep_appending())
-    tail = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "helix"),
-        *("events", "tail", "--category", "job", "--follow", "--json"),
-        env={**os.environ, "HELIX_DATABASE_URL": database_url},
-        stdout=asyncio.subprocess.PIPE,
-    )
+    tail = await follow_jobs(database_url)
     try:
         assert tail.stdout is not None
         for _ in range(50):
