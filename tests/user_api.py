@@ -24,6 +24,18 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def signed_in(client: httpx.Client, label: str = "user") -> dict[str, str]:
+    """Register a new user through a running service and sign it in: its header."""
+    credentials = {"email": unique_email(label), "password": PASSWORD}
+    client.post("/api/v1/users/", json=credentials).raise_for_status()
+    response = client.post(
+        "/api/v1/token",
+        data={"username": credentials["email"], "password": PASSWORD},
+    )
+    response.raise_for_status()
+    return bearer(response.json()["access_token"])
+
+
 @asynccontextmanager
 async def gateway_client(
     settings: Settings, client_address: tuple[str, int] = ("10.0.0.1", 40000)

@@ -36,12 +36,12 @@ from tests import databases
 from tests.benchmarks.bare_celery import BARE_TASK, bare_queue
 from tests.broker import delete_test_objects
 from tests.stack import SUFFIXES, ServiceStack, settings_for
+from tests.user_api import signed_in
 
 LATENCY_SAMPLES = 300
 WARM_UP = 30
 THROUGHPUT_JOBS = 2000
 CLIENTS = 16
-PASSWORD = "correct horse battery"
 # Both workers run as `make run` starts the job worker: one process per core.
 WORKER_CONCURRENCY = 2
 
@@ -124,18 +124,6 @@ def bare_round_trips(stack: ServiceStack) -> list[float]:
         if i >= WARM_UP:
             samples.append(time.perf_counter() - started)
     return samples
-
-
-def sign_up(client: httpx.Client) -> dict[str, str]:
-    email = f"bench-{uuid.uuid4().hex[:12]}@example.com"
-    registered = client.post(
-        "/api/v1/users/", json={"email": email, "password": PASSWORD}
-    )
-    registered.raise_for_status()
-    token = client.post(
-        "/api/v1/token", data={"username": email, "password": PASSWORD}
-    ).json()["access_token"]
-    return {"Authorization": f"Bearer {token}"}
 
 
 @dataclass
@@ -247,7 +235,7 @@ def main() -> None:
     try:
         stack.start()
         with stack.client() as client:
-            auth = sign_up(client)
+            auth = signed_in(client, "bench")
             console.print("measuring the bare Celery round trip ...")
             bare_before = cpu_seconds(stack)
             bare = bare_round_trips(stack)

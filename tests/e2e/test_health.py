@@ -1,13 +1,13 @@
 """`GET /health/` on the running service follows PostgreSQL going away and back."""
 
 import time
-import uuid
 
 import httpx
 from sqlalchemy.engine import make_url
 
 from tests.stack import ServiceStack, settings_for
 from tests.tcp_proxy import TcpProxy
+from tests.user_api import signed_in
 
 
 def wait_for_status(client: httpx.Client, status: int, timeout_s: float = 30) -> dict:
@@ -20,17 +20,6 @@ def wait_for_status(client: httpx.Client, status: int, timeout_s: float = 30) ->
         time.sleep(0.3)
 
 
-def signed_in(client: httpx.Client) -> dict[str, str]:
-    email = f"health-{uuid.uuid4().hex[:8]}@example.com"
-    credentials = {"email": email, "password": "correct horse battery"}
-    client.post("/api/v1/users/", json=credentials).raise_for_status()
-    token = client.post(
-        "/api/v1/token",
-        data={"username": email, "password": credentials["password"]},
-    ).json()["access_token"]
-    return {"Authorization": f"Bearer {token}"}
-
-
 def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
     with TcpProxy(5432) as proxy:
         via_proxy = make_url(database_url).set(port=proxy.port)
@@ -41,7 +30,7 @@ def test_health_is_503_naming_postgres_while_it_is_unreachable(database_url):
             with stack.client() as client:
                 healthy = wait_for_status(client, 200)
                 assert healthy["checks"]["postgres"] == {"ok": True, "detail": "ok"}
-                auth = signed_in(client)
+                auth = signed_in(client, "health")
 
                 proxy.cut()
                 started = time.monotonic()

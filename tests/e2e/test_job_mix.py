@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.e2e.test_jobs import PASSWORD
 from tests.stack import ServiceStack, settings_for
+from tests.user_api import bearer, register, sign_in
 
 JOBS = 150
 CONCURRENCY = 8
@@ -108,15 +108,8 @@ async def finished_jobs(
 
 async def run_the_mix(stack: ServiceStack) -> tuple[dict, dict]:
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
-        email = "mix@example.com"
-        credentials = {"email": email, "password": PASSWORD}
-        (await client.post("/api/v1/users/", json=credentials)).raise_for_status()
-        token = (
-            await client.post(
-                "/api/v1/token", data={"username": email, "password": PASSWORD}
-            )
-        ).json()["access_token"]
-        client.headers["Authorization"] = f"Bearer {token}"
+        user = await register(client)
+        client.headers.update(bearer(await sign_in(client, user["email"])))
         bodies, _ = await asyncio.gather(
             submit_all(client, random.Random(20261204)), disturb(stack)
         )

@@ -9,9 +9,10 @@ import time
 
 from sqlalchemy.engine import make_url
 
-from tests.e2e.test_jobs import PASSWORD, submit, types_of, wait_for
+from tests.e2e.test_jobs import submit, types_of, wait_for
 from tests.stack import ServiceStack, settings_for
 from tests.tcp_proxy import TcpProxy
+from tests.user_api import signed_in
 
 
 def test_a_job_taken_while_the_worker_cannot_reach_postgres_runs_once_it_can(
@@ -29,13 +30,7 @@ def test_a_job_taken_while_the_worker_cannot_reach_postgres_runs_once_it_can(
             service.start()
             worker.start()
             with service.client() as client:
-                email = "outage@example.com"
-                credentials = {"email": email, "password": PASSWORD}
-                client.post("/api/v1/users/", json=credentials).raise_for_status()
-                token = client.post(
-                    "/api/v1/token", data={"username": email, "password": PASSWORD}
-                ).json()["access_token"]
-                client.headers["Authorization"] = f"Bearer {token}"
+                client.headers.update(signed_in(client, "outage"))
                 warm = submit(client, "echo", {"warm": True})
                 assert wait_for(client, warm["id"])["status"] == "SUCCESS"
 
