@@ -42,14 +42,9 @@ def run_job(job_id: str) -> str:
         return current_runtime().run(current_runtime().runner.run(UUID(job_id)))
     except Unavailable as exc:
         # PostgreSQL is down and nothing was decided: give the delivery back to
-        # the queue after a pause, rather than publish a copy of it (the worker
-        # sends nothing that needs a confirm), and take it again.
+        # the queue after a pause and take it again. Not `self.retry`, which
+        # publishes a copy: the worker publishes without confirms, so a copy could
+        # be lost, while a requeued delivery stays in the broker all along.
         log.warning("job store unavailable, retrying", extra={"job_id": job_id})
         time.sleep(UNAVAILABLE_RETRY_S)
         raise Reject(exc, requeue=True) from exc
-
-
-@app.task(name="helix.ping")  # type: ignore[untyped-decorator]
-def ping() -> str:
-    """A no-op, for health checks and for measuring a bare Celery round trip."""
-    return "pong"
