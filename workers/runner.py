@@ -256,8 +256,11 @@ class JobRunner:
                 context.stop("cancelled" if ending.cancelled else "timed out")
                 stop_deadline = now + STOP_GRACE_S
                 continue
+            if now - last_progress < PROGRESS_INTERVAL_S:
+                # Too soon to record: what was reported waits for the next turn.
+                continue
             progress = context.take_progress()
-            if progress is not None and now - last_progress >= PROGRESS_INTERVAL_S:
+            if progress is not None:
                 last_progress = now
                 event = JobProgressed(attempt=state.attempts, progress=progress)
                 await self._try_append(session, state, event)

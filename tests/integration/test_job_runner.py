@@ -5,12 +5,15 @@ import gc
 import logging
 import time
 import uuid
+from typing import Any
 
+import psycopg
 import pytest
+from pydantic import BaseModel
 
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobCancelRequested, JobStarted, JobSubmitted
-from shared.jobs import load_catalog
+from shared.jobs import JobCatalog, JobContext, load_catalog
 from shared.jobs.state import JobState, job_stream
 from shared.settings import Settings
 from workers.runner import JobRunner
@@ -156,6 +159,46 @@ async def test_a_sleep_reports_progress_while_it_runs(runner, store):
     assert progress
     assert progress == sorted(progress)
     assert len(progress) <= 4
+
+
+class NoPayload(BaseModel):
+    pass
+
+
+async def test_progress_reported_too_soon_to_record_is_recorded_later(
+    engine, store, settings
+):
+    catalog = JobCatalog()
+    stream: list[str] = []
+
+    def recorded_progress() -> int:
+        with psycopg.connect(settings.psycopg_dsn) as connection:
+            row = connection.execute(
+                "SELECT count(*) FROM events"
+                " WHERE stream_id = %s AND type = 'JobProgressed'",
+                stream,
+            ).fetchone()
+        return row[0] if row else 0
+
+    @catalog.task("two_steps")
+    def two_steps(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        context.progress(0.1)
+        while not recorded_progress():
+            context.sleep(0.02)
+        # Just recorded: the next report comes inside the runner's interval.
+        context.progress(0.5)
+        context.sleep(1.5)
+        return {}
+
+    runner = JobRunner(engine=engine, store=store, catalog=catalog, settings=settings)
+    job_id = await submit(store, "two_steps", {})
+    stream.append(job_stream(job_id))
+
+    assert await runner.run(job_id) == "succeeded"
+
+    events = await store.read_stream(job_stream(job_id))
+    progress = [e.data["progress"] for e in events if e.type == "JobProgressed"]
+    assert progress == [0.1, 0.5]
 
 
 async def test_a_retryable_failure_is_retried_with_backoff_then_fails(runner, store):
