@@ -307,6 +307,9 @@ class EventStore:
             if constraint == "events_event_id_key":
                 raise DuplicateEventId("an event id was appended concurrently") from exc
             raise
+        except psycopg.DataError as exc:
+            reason = exc.diag.message_primary or "invalid data"
+            raise ValidationFailed(f"PostgreSQL refused the events: {reason}") from exc
         row = await cursor.fetchone()
         assert row is not None
         return self._resolve(params, row)

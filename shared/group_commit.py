@@ -8,8 +8,8 @@ Each append keeps its own outcome. The statement checks every append's expected
 version and event ids on its own, inserts only the appends that pass, and reports
 per append, so one conflicting append does not fail the others. Should the batch
 hit a unique violation anyway (a writer in another process raced one of its
-appends), each append is retried on its own, where the error is reported to its
-caller alone.
+appends), or data the server refuses, each append is retried on its own, where
+the error is reported to its caller alone.
 """
 
 import asyncio
@@ -183,8 +183,9 @@ class _Queue(Generic[R]):
                     await committer._after_commit(driver)
                 finally:
                     await driver.set_autocommit(False)
-        except psycopg.errors.UniqueViolation:
-            # Nothing of the batch was stored; let each append meet the error alone.
+        except (psycopg.IntegrityError, psycopg.DataError):
+            # Nothing of the batch was stored, and the fault is one append's, not
+            # the server's: let each append meet its error alone.
             await asyncio.gather(*(self._alone(item) for item in batch))
             return
         for item, (_, *outcome) in zip(batch, rows, strict=True):

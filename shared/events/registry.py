@@ -16,15 +16,20 @@ upcasters from that version up to the current one, then validates the model, so
 readers only ever see the current shape.
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from shared.errors import InvalidEventData, UnknownEventType
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+# `\u0000` in JSON text, not preceded by another backslash that escapes its own:
+# PostgreSQL's jsonb cannot hold a NUL character.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 E = TypeVar("E", bound=type["DomainEvent"])
 
 
@@ -121,7 +126,13 @@ class EventRegistry:
         event_type = self.get(name)
         if event_type.model is not type(event):
             raise UnknownEventType(name)
-        data = event.model_dump_json(warnings=False)
+        try:
+            data = event.model_dump_json(warnings=False)
+        except PydanticSerializationError as exc:
+            # A lone surrogate, say: text that is not Unicode.
+            raise InvalidEventData(name, str(exc)) from None
+        if _NUL_ESCAPE.search(data):
+            raise InvalidEventData(name, "a text holds a NUL character")
         try:
             event_type.model.model_validate_json(data)
         except ValidationError as exc:

@@ -224,6 +224,17 @@ async def test_unknown_or_invalid_events_are_refused_before_any_sql():
         )
     with pytest.raises(ValidationFailed):
         await store.append(new_stream(), [], expected_version=None, metadata=META)
+    # Text PostgreSQL's jsonb cannot hold, or that is not Unicode at all.
+    for name in ("a\x00b", "\ud800"):
+        with pytest.raises(InvalidEventData):
+            await store.append(
+                new_stream(),
+                [ThingHappened(name=name)],
+                expected_version=None,
+                metadata=META,
+            )
+    # A backslash and "u0000" spelled out are only text, and no NUL.
+    assert store._encode(new_stream(), [ThingHappened(name="\\u0000")], META, None)
     await dead.dispose()
 
 
@@ -418,6 +429,56 @@ async def test_listener_is_woken_when_events_commit(things, settings, engine):
 def test_log_positions_order_by_transaction_then_position():
     assert LogPosition(5, 100) < LogPosition(6, 1) < LogPosition(6, 2)
     assert LogPosition(1, 1) > LOG_START
+
+
+async def test_an_append_the_server_refuses_fails_alone_in_its_batch(
+    things, monkeypatch
+):
+    encode = things._encode
+    refused = new_stream()
+
+    def encode_with_a_nul(stream_id, events, metadata, event_ids):
+        params = encode(stream_id, events, metadata, event_ids)
+        if stream_id == refused:
+            # What the checks before SQL missed: PostgreSQL refuses it.
+            params["data"] = ['{"name": "\\u0000", "size": 0}']
+        return params
+
+    monkeypatch.setattr(things, "_encode", encode_with_a_nul)
+    streams = [new_stream() for _ in range(20)]
+
+    outcomes = await asyncio.gather(
+        *(
+            things.append(
+                stream,
+                [ThingHappened(name="ok")],
+                expected_version=NO_STREAM,
+                metadata=META,
+            )
+            for stream in streams[:10]
+        ),
+        things.append(
+            refused,
+            [ThingHappened(name="x")],
+            expected_version=NO_STREAM,
+            metadata=META,
+        ),
+        *(
+            things.append(
+                stream,
+                [ThingHappened(name="ok")],
+                expected_version=NO_STREAM,
+                metadata=META,
+            )
+            for stream in streams[10:]
+        ),
+        return_exceptions=True,
+    )
+
+    failed = outcomes.pop(10)
+    assert isinstance(failed, ValidationFailed)
+    assert [type(o).__name__ for o in outcomes] == ["AppendResult"] * 20
+    assert await things.read_stream(refused) == []
 
 
 async def test_appends_committed_together_keep_their_own_outcomes(things):
