@@ -46,6 +46,7 @@ from pydantic import (
 )
 
 from shared.errors import ValidationFailed
+from shared.inputs import problems
 
 JobResult = dict[str, Any]
 Handler = Callable[[Any, "JobContext"], JobResult]
@@ -171,6 +172,10 @@ class TaskType:
         result = self.handler(self.parse(payload), context)
         if not isinstance(result, dict):
             raise TypeError(f"task {self.name} returned {type(result).__name__}")
+        # Caught here, not by the store, which would keep NaN as null unsaid.
+        for path, problem in problems(result):
+            where = ".".join(map(str, ("result_data", *path)))
+            raise JobError(f"the result cannot be stored: {where}: {problem}")
         return result
 
 

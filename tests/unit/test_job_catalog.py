@@ -184,6 +184,49 @@ def test_aggregate_percentiles_match_numpy_on_many_values():
 
 
 @pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        # The true sum fits in a double; a plain running sum overflows on the way.
+        ([1e308, 1e308, -1e308], {"sum": 1e308, "mean": 1e308 / 3}),
+        # Squares of these overflow; their stdev does not.
+        ([1e200, -1e200], {"sum": 0.0, "stdev": 2**0.5 * 1e200}),
+        ([1e-300, 1e-300, 1e200], {"sum": 1e200, "min": 1e-300}),
+    ],
+)
+def test_aggregate_of_huge_values_is_exact_where_the_answer_fits(values, expected):
+    result = run("aggregate", {"values": values})
+
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, rel=1e-15), name
+    assert result["percentiles"]["50"] == float(np.percentile(values, 50))
+
+
+@pytest.mark.parametrize(
+    ("values", "name"),
+    [([1.7e308, 1.7e308], "sum"), ([1.7e308, -1.7e308], "standard deviation")],
+)
+def test_aggregate_whose_answer_is_beyond_a_double_fails_saying_so(values, name):
+    with pytest.raises(JobError, match=f"^the {name} of these values is beyond"):
+        run("aggregate", {"values": values})
+
+
+def test_a_result_json_cannot_carry_fails_the_job_rather_than_turn_to_null():
+    from pydantic import BaseModel
+
+    mine = JobCatalog()
+
+    class Nothing(BaseModel):
+        pass
+
+    @mine.task("infinite")
+    def infinite(payload: Nothing, context: JobContext) -> dict:
+        return {"values": [1.0, float("inf")]}
+
+    with pytest.raises(JobError, match=r"result_data\.values\.1: the number is not"):
+        mine.get("infinite").run({}, JobContext())
+
+
+@pytest.mark.parametrize(
     "payload",
     [
         {"values": []},
