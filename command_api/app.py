@@ -15,6 +15,7 @@ from shared.metrics import MetricsMiddleware, add_metrics_route
 from shared.settings import Settings, get_settings
 from shared.web import (
     BodySizeLimitMiddleware,
+    HeadAsGetMiddleware,
     RequestContextMiddleware,
     add_health_route,
     install_error_handlers,
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/commands/docs",
         openapi_url="/commands/openapi.json",
     )
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(MetricsMiddleware, app_name="command_api")
     app.add_middleware(RequestContextMiddleware)

@@ -4,19 +4,21 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from command_api.dependencies import CurrentUser, Store
 from command_api.job_commands import JobResult, Submission, cancel_job, submit_job
+from shared.inputs import RequestBody
 from shared.jobs import InvalidPayload, UnknownTask, load_catalog
 from shared.jobs.views import JobOut
+from shared.web import client_errors
 
 POSITION_HEADER = "Helix-Position"
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 
-class JobSubmission(BaseModel):
+class JobSubmission(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field(min_length=1, max_length=100)
@@ -42,10 +44,10 @@ def refuse_unless_valid(body: JobSubmission) -> None:
             "type": "unknown_task",
             "known_tasks": exc.known,
         }
-        raise HTTPException(422, [detail]) from None
+        raise HTTPException(422, client_errors([detail])) from None
     except InvalidPayload as exc:
         errors = [{**error, "loc": ["body", *error["loc"]]} for error in exc.errors]
-        raise HTTPException(422, errors) from None
+        raise HTTPException(422, client_errors(errors)) from None
 
 
 @router.post("/", status_code=202, response_model=JobOut)

@@ -10,6 +10,7 @@ from command_api.throttle import SignInThrottle
 from command_api.user_commands import CommandContext, SignInRefused, sign_in
 from command_api.user_routes import POSITION_HEADER
 from shared.auth import UNAUTHORIZED_HEADERS, create_access_token
+from shared.inputs import StoredText
 from shared.users import normalise_email
 
 router = APIRouter(prefix="/api/v1", tags=["auth"])
@@ -26,7 +27,7 @@ class TokenOut(BaseModel):
 
 @router.post("/token", response_model=TokenOut)
 async def issue_token(
-    username: Annotated[str, Form(max_length=320)],
+    username: Annotated[StoredText, Form(max_length=320)],
     password: Annotated[str, Form(max_length=4096)],
     request: Request,
     response: Response,

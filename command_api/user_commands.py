@@ -241,7 +241,8 @@ async def _check_current_password(
     """Changing your own email or password needs the password you have now."""
     if changes.current_password is None:
         raise ValidationFailed(
-            "current_password is required to change your own email or password"
+            "current_password is required to change your own email or password",
+            loc=("body", "current_password"),
         )
     async with connect(store.engine) as connection:
         result = await connection.exec_driver_sql(

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+from pydantic import ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
 from command_api.dependencies import CurrentUser, Hasher, OptionalUser, Store
 from command_api.user_commands import (
@@ -16,18 +16,22 @@ from command_api.user_commands import (
     update_user,
 )
 from shared.errors import PermissionDenied, PreconditionFailed
+from shared.inputs import RequestBody
 from shared.users import UserOut, etag
 
 POSITION_HEADER = "Helix-Position"
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
 
+# A password is kept exactly as sent: spaces at either end are part of it.
 Password = Annotated[str, Field(min_length=8, max_length=128)]
-FullName = Annotated[str, Field(min_length=1, max_length=200)]
+FullName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+]
 
 
-class UserCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+class UserCreate(RequestBody):
+    model_config = ConfigDict(extra="forbid")
 
     email: EmailStr = Field(max_length=254)
     password: Password
@@ -35,10 +39,10 @@ class UserCreate(BaseModel):
     is_superuser: bool = False
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(RequestBody):
     """Only the fields sent change; `full_name: null` clears the name."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid")
 
     email: EmailStr | None = Field(default=None, max_length=254)
     full_name: FullName | None = None

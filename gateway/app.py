@@ -1,12 +1,14 @@
 """One ASGI app that routes by method to the command API or the query API."""
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
+from starlette.routing import compile_path
+from starlette.types import Message, Receive, Scope, Send
 
 from command_api.app import create_app as create_command_app
 from query_api.app import create_app as create_query_app
@@ -14,12 +16,15 @@ from shared.logging import configure_logging
 from shared.settings import get_settings
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The command API's own pages (its docs and schema), which are GETs.
+COMMAND_PAGES = "/commands/"
 
 
 class Gateway:
     def __init__(self, command_app: FastAPI, query_app: FastAPI) -> None:
         self.command_app = command_app
         self.query_app = query_app
+        self._routes: list[tuple[re.Pattern[str], set[str]]] | None = None
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -37,7 +42,72 @@ class Gateway:
             return
         method = scope.get("method", "GET")
         target = self.query_app if method in READ_METHODS else self.command_app
-        await target(scope, receive, send)
+        if scope["type"] != "http":
+            await target(scope, receive, send)
+            return
+        if scope["path"].startswith(COMMAND_PAGES):
+            target = self.command_app
+        if method == "OPTIONS" and (allowed := self.allowed_methods(scope["path"])):
+            await Response(status_code=204, headers=_allow(allowed))(
+                scope, receive, send
+            )
+            return
+        await target(scope, receive, self._naming_allowed(scope, send))
+
+    def _naming_allowed(self, scope: Scope, send: Send) -> Send:
+        """`send`, but a routing miss on a path the other API takes becomes 405.
+
+        Each API knows only its own methods: a GET on the command API's
+        `/api/v1/token` would be the query API's 404. A 404 or 405 for a method
+        that neither API takes on this path is answered as 405 with every method
+        that both do; a 404 from a handler (for a method the path takes) stays.
+        """
+        replaced = False
+
+        async def checked_send(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] in {
+                404,
+                405,
+            }:
+                allowed = self.allowed_methods(scope["path"])
+                if allowed and scope["method"] not in allowed:
+                    replaced = True
+                    refused = JSONResponse(
+                        {"detail": "Method Not Allowed"}, 405, headers=_allow(allowed)
+                    )
+                    await refused(scope, _no_body, send)
+                    return
+            if not replaced:
+                await send(message)
+
+        return checked_send
+
+    def allowed_methods(self, path: str) -> set[str]:
+        """The methods either API takes on `path` (none if neither has it)."""
+        if self._routes is None:
+            self._routes = self._route_table()
+        for pattern, methods in self._routes:
+            if pattern.match(path):
+                return methods
+        return set()
+
+    def _route_table(self) -> list[tuple[re.Pattern[str], set[str]]]:
+        """Each path template of both schemas with its methods, literal ones first
+        (`/users/me` before `/users/{user_id}`)."""
+        methods_by_path: dict[str, set[str]] = {}
+        for app in (self.query_app, self.command_app):
+            for path, operations in app.openapi().get("paths", {}).items():
+                methods = methods_by_path.setdefault(path, set())
+                methods.update(method.upper() for method in operations)
+        table = []
+        for path in sorted(methods_by_path, key=lambda p: (p.count("{"), p)):
+            methods = methods_by_path[path] | {"OPTIONS"}
+            if "GET" in methods:
+                methods.add("HEAD")
+            pattern, _, _ = compile_path(path)
+            table.append((pattern, methods))
+        return table
 
     def openapi(self) -> dict[str, Any]:
         """The query API's schema with the command API's paths merged in."""
@@ -65,6 +135,14 @@ class Gateway:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             raise
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def _allow(methods: set[str]) -> dict[str, str]:
+    return {"Allow": ", ".join(sorted(methods))}
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 def create_app() -> Gateway:

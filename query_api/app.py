@@ -20,6 +20,7 @@ from shared.metrics import (
 )
 from shared.settings import Settings, get_settings
 from shared.web import (
+    HeadAsGetMiddleware,
     RequestContextMiddleware,
     add_health_route,
     install_error_handlers,
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.job_waits.stop()
 
     app = FastAPI(title="HelixNet Core", version="1", lifespan=lifespan)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(MetricsMiddleware, app_name="query_api")
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)

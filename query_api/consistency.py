@@ -16,6 +16,9 @@ from typing import Annotated
 from fastapi import Header, HTTPException, Request
 
 from shared.checkpoints import wait_until_processed
+from shared.errors import ValidationFailed
+from shared.inputs import MAX_BIGINT
+from shared.web import validation_error
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +44,22 @@ def consistent_read(*projections: str) -> Callable[..., Awaitable[None]]:
         if helix_position is None:
             return
         text = helix_position.strip()
-        if not text.isdigit() or len(text) > 19 or int(text) < 1:
-            raise HTTPException(
-                422, f"{POSITION_HEADER} must be a positive integer (a log position)"
+        digits = text.isascii() and text.isdigit() and len(text) <= 19
+        if not digits or not 1 <= int(text) <= MAX_BIGINT:
+            raise validation_error(
+                ("header", POSITION_HEADER),
+                f"{POSITION_HEADER} must be a positive integer (a log position)",
             )
         state = request.app.state
-        fresh = await wait_until_processed(
-            state.engine,
-            projections,
-            int(text),
-            timeout_s=state.settings.read_your_writes_timeout_s,
-        )
+        try:
+            fresh = await wait_until_processed(
+                state.engine,
+                projections,
+                int(text),
+                timeout_s=state.settings.read_your_writes_timeout_s,
+            )
+        except ValidationFailed as exc:
+            raise validation_error(("header", POSITION_HEADER), str(exc)) from None
         if not fresh:
             log.warning(
                 "read-your-writes wait timed out",

@@ -24,8 +24,10 @@ from shared import pii
 from shared.db import connect
 from shared.errors import UnknownEventType
 from shared.events import registry
+from shared.inputs import MAX_BIGINT, StoredText
 from shared.jobs.state import job_stream
 from shared.users import user_id_of, user_stream
+from shared.web import validation_error
 
 router = APIRouter(prefix="/api/v1", tags=["history"])
 
@@ -41,7 +43,10 @@ _SELECT = (
     " recorded_at FROM events"
 )
 
-After = Annotated[int, Query(ge=0, description="return events after this position")]
+After = Annotated[
+    int,
+    Query(ge=0, le=MAX_BIGINT, description="return events after this position"),
+]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
@@ -167,11 +172,11 @@ async def job_history(
 async def audit(
     engine: Engine,
     principal: Superuser,
-    stream: Annotated[str | None, Query(max_length=200)] = None,
-    category: Annotated[str | None, Query(max_length=50)] = None,
-    event_types: Annotated[list[str] | None, Query(alias="type")] = None,
+    stream: Annotated[StoredText | None, Query(max_length=200)] = None,
+    category: Annotated[StoredText | None, Query(max_length=50)] = None,
+    event_types: Annotated[list[StoredText] | None, Query(alias="type")] = None,
     actor_id: UUID | None = None,
-    correlation_id: Annotated[str | None, Query(max_length=200)] = None,
+    correlation_id: Annotated[StoredText | None, Query(max_length=200)] = None,
     since: datetime | None = None,
     until: datetime | None = None,
     after: After = 0,
@@ -219,5 +224,7 @@ async def _transaction_of(connection: AsyncConnection, position: int) -> str:
     )
     transaction_id = result.scalar_one_or_none()
     if transaction_id is None:
-        raise HTTPException(400, "after must be a position returned by a previous page")
+        raise validation_error(
+            ("query", "after"), "after must be a position returned by a previous page"
+        )
     return str(transaction_id)

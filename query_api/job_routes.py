@@ -16,6 +16,7 @@ from query_api.job_waits import JobWaits
 from shared.auth import Principal
 from shared.db import connect, fetch
 from shared.errors import NotFound
+from shared.inputs import Offset
 from shared.jobs.state import TERMINAL_STATUSES, JobStatus
 from shared.jobs.views import JobList, JobOut
 
@@ -90,7 +91,7 @@ async def list_jobs(
     engine: Engine,
     principal: CurrentUser,
     fresh: JobsFresh,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     status: Annotated[JobStatus | None, Query()] = None,
     owner_id: Annotated[UUID | None, Query()] = None,

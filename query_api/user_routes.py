@@ -11,6 +11,7 @@ from query_api.dependencies import CurrentUser, Engine, Superuser, UsersFresh
 from shared import pii
 from shared.db import connect
 from shared.errors import NotFound
+from shared.inputs import Offset
 from shared.users import UserOut, etag, etag_matches
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
@@ -59,7 +60,9 @@ async def _one_user(
         row = result.one_or_none()
         if row is None:
             raise NotFound("user not found")
-        if if_none_match and etag_matches(if_none_match, row.representation_version):
+        if if_none_match and etag_matches(
+            if_none_match, row.representation_version, weak=True
+        ):
             return Response(
                 status_code=304, headers={"ETag": etag(row.representation_version)}
             )
@@ -76,7 +79,7 @@ async def list_users(
     engine: Engine,
     principal: Superuser,
     fresh: UsersFresh,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> UserPage:
     """Active users, oldest first (superuser)."""

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import connect, driver_connection
+from shared.errors import ValidationFailed
 from shared.event_store import LOG_START, LogPosition
 from shared.jobs.messaging import DISPATCHED_TYPES, DISPATCHER
 
@@ -140,6 +141,16 @@ WHERE c.name = ANY(%(names)s)
 """
 
 _LOCATE = "SELECT transaction_id::text::bigint FROM events WHERE position = %s"
+_LAST_ISSUED = (
+    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_position_seq"
+)
+
+
+async def _refuse_unissued(connection: AsyncConnection, position: int) -> None:
+    """A position the log has not handed out yet is no write's: no wait reaches it."""
+    last = (await connection.exec_driver_sql(_LAST_ISSUED)).scalar_one()
+    if position > last:
+        raise ValidationFailed(f"position {position} is past the end of the log")
 
 
 async def processed(
@@ -167,11 +178,13 @@ async def wait_until_processed(
     """Wait until the projections `names` have processed global `position`.
 
     Returns False if they have not within `timeout_s`. A position not in the log
-    (yet: a replica may lag its primary) counts as not processed. Polls with a
+    (yet: a replica may lag its primary) counts as not processed; one the log has
+    not handed out at all is refused with ValidationFailed. Polls with a
     short, growing interval: waits are brief, and a checkpoint moves often.
     """
     deadline = time.monotonic() + timeout_s
     located: LogPosition | None = None
+    first = True
     while True:
         async with connect(engine) as connection:
             if located is None:
@@ -179,6 +192,9 @@ async def wait_until_processed(
                     await connection.exec_driver_sql(_LOCATE, (position,))
                 ).first()
                 located = LogPosition(row[0], position) if row else None
+                if located is None and first:
+                    await _refuse_unissued(connection, position)
+            first = False
             if located is not None and await processed(connection, names, located):
                 return True
         remaining = deadline - time.monotonic()

@@ -25,7 +25,11 @@ class HelixError(Exception):
 
 
 class ValidationFailed(HelixError):
-    pass
+    """`loc` names the input that broke the rule, as in a pydantic error."""
+
+    def __init__(self, message: str, *, loc: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 class UnknownEventType(ValidationFailed):

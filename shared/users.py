@@ -1,9 +1,12 @@
 """What both APIs say about a user: its JSON shape, its ETag, its email's form."""
 
+import contextlib
 from datetime import datetime
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
+from pydantic.networks import validate_email
+from pydantic_core import PydanticCustomError
 
 USER_STREAM_PREFIX = "user-"
 
@@ -36,7 +39,15 @@ def user_id_of(stream_id: str) -> UUID | None:
 
 
 def normalise_email(email: str) -> str:
-    """The one form an address is stored and compared in: trimmed, lower case."""
+    """The one form an address is stored and compared in.
+
+    The form registration gives it (pydantic's EmailStr: trimmed, Unicode NFC,
+    the domain decoded from punycode), in lower case; so every spelling that
+    registration counts as the same address signs in as it. Something that is
+    not an address at all is only trimmed and lowered: it matches no one.
+    """
+    with contextlib.suppress(PydanticCustomError):
+        _, email = validate_email(email)
     return email.strip().lower()
 
 
@@ -45,8 +56,15 @@ def etag(representation_version: int) -> str:
     return f'"{representation_version}"'
 
 
-def etag_matches(if_match: str, representation_version: int) -> bool:
-    """Whether an If-Match header (RFC 9110, strong comparison) names this version."""
+def etag_matches(
+    header: str, representation_version: int, *, weak: bool = False
+) -> bool:
+    """Whether an If-Match (strong comparison) or, with `weak`, an If-None-Match
+    (weak comparison: `W/"6"` matches `"6"`) header names this version (RFC 9110)."""
     current = etag(representation_version)
-    candidates = [part.strip() for part in if_match.split(",")]
-    return any(tag == "*" or tag == current for tag in candidates)
+    for tag in (part.strip() for part in header.split(",")):
+        if weak and tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == "*" or tag == current:
+            return True
+    return False

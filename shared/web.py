@@ -1,14 +1,16 @@
 """HTTP plumbing both APIs share: request ids, body limits, errors, health."""
 
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +19,7 @@ from shared import errors, pii
 from shared.db import create_engine, is_unavailable
 from shared.event_store import EventStore
 from shared.health import Check, run_checks
+from shared.inputs import text_problem
 from shared.logging import bind, log_context
 from shared.settings import Settings
 
@@ -79,8 +82,36 @@ class RequestContextMiddleware:
             log_context.reset(token)
 
 
+class HeadAsGetMiddleware:
+    """Answer HEAD as GET without the body (RFC 9110, section 9.3.2).
+
+    FastAPI routes only the methods a route names, and every read route here is
+    a GET; its headers (Content-Length, ETag) are what a HEAD must answer.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
+
+
 class BodySizeLimitMiddleware:
-    """Answer 413 to a body over `max_bytes`, before any handler reads it."""
+    """Answer 413 to a body over `max_bytes`, before any handler reads it.
+
+    A body with a Content-Length is judged by it (the server holds the body to
+    it). A streamed one (chunked, no length) is read here first, up to the limit:
+    refused in the middle of a handler's read, it would surface as a parse error.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -91,35 +122,30 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if (
-            declared is not None
-            and declared.isdigit()
-            and int(declared) > self.max_bytes
-        ):
-            await self._refuse(send)
-            return
-        received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
                 await self._refuse(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        read: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            read.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return read.pop(0) if read else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
@@ -129,19 +155,76 @@ class BodySizeLimitMiddleware:
         await response({"type": "http"}, _no_receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+def client_errors(found: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Validation errors as a client sees them: where, what and why.
+
+    Never the value that was sent (`input`): it may be a password, or something
+    JSON cannot carry (NaN, a lone surrogate), which would turn a 422 into a 500.
+    Anything else an error holds is kept only if it is plain JSON.
+    """
+    shown = []
+    for error in found:
+        item: dict[str, Any] = {
+            "loc": [
+                part if isinstance(part, int) else _text(part)
+                for part in error.get("loc", ())
+            ],
+            "msg": _text(error.get("msg", "")),
+            "type": _text(error.get("type", "value_error")),
+        }
+        for key, value in error.items():
+            if key in item or key in ("input", "url"):
+                continue
+            if key == "ctx" and isinstance(value, Mapping):
+                value = {k: v for k, v in value.items() if _plain(v)}
+                if not value:
+                    continue
+            if _plain(value):
+                item[key] = value
+        shown.append(item)
+    return shown
+
+
+def _text(value: object) -> str:
+    return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+def _plain(value: object) -> bool:
+    """Whether `value` is JSON as it stands (no NaN, no lone surrogates)."""
+    if value is None or isinstance(value, bool | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return text_problem(value) is None
+    if isinstance(value, list | tuple):
+        return all(_plain(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def validation_error(loc: Sequence[str | int], message: str) -> HTTPException:
+    """A 422 in the shape every validation error has: `detail` is a list."""
+    return HTTPException(
+        422, [{"loc": list(loc), "msg": message, "type": "value_error"}]
+    )
 
 
 def error_response(exc: errors.HelixError) -> JSONResponse:
     for error_type, status in _STATUS_BY_ERROR:
         if isinstance(exc, error_type):
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-            return JSONResponse({"detail": str(exc)}, status, headers=headers)
+            detail: Any = str(exc)
+            if isinstance(exc, errors.ValidationFailed):
+                detail = client_errors(
+                    [{"loc": list(exc.loc), "msg": detail, "type": "value_error"}]
+                )
+            return JSONResponse({"detail": detail}, status, headers=headers)
     return JSONResponse({"detail": "internal error"}, 500)
 
 
@@ -162,6 +245,11 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse({"detail": "internal error"}, 500)
 
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": client_errors(exc.errors())}, 422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(errors.HelixError, domain_error)
     app.add_exception_handler(Exception, unexpected_error)
 
@@ -228,4 +316,9 @@ async def service_resources(app: FastAPI, settings: Settings) -> AsyncIterator[N
         await engine.dispose()
 
 
-__all__ = ["BodySizeLimitMiddleware", "RequestContextMiddleware", "bind"]
+__all__ = [
+    "BodySizeLimitMiddleware",
+    "HeadAsGetMiddleware",
+    "RequestContextMiddleware",
+    "bind",
+]

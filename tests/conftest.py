@@ -5,6 +5,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projectors.framework import ensure_created
+from projectors.projections.users import projection as users_projection
 from shared.db import create_engine
 from shared.event_store import EventStore
 from shared.settings import Settings
@@ -57,6 +59,12 @@ def store(engine: AsyncEngine) -> EventStore:
 def app_settings(settings: Settings) -> Settings:
     """The test's settings, with a first superuser of its own."""
     return settings_with_own_superuser(settings)
+
+
+@pytest.fixture
+async def users_table(engine: AsyncEngine) -> None:
+    """The users read table, for tests that read users with no projector running."""
+    await ensure_created(engine, [users_projection])
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ async def test_tailing_the_audit_sees_an_event_that_committed_late(
     assert seen == [position_a, position_b], "the tail missed or repeated an event"
 
 
-async def test_audit_after_a_position_no_page_returned_is_400(
+async def test_audit_after_a_position_no_page_returned_is_422(
     client: httpx.AsyncClient, app_settings: Settings
 ) -> None:
     admin = bearer(await superuser_token(client, app_settings))
@@ -103,6 +103,8 @@ async def test_audit_after_a_position_no_page_returned_is_400(
     response = await client.get(f"/api/v1/audit?after={unknown}", headers=admin)
     from_start = await client.get("/api/v1/audit?after=0", headers=admin)
 
-    assert response.status_code == 400
-    assert "previous page" in response.json()["detail"]
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", "after"]
+    assert "previous page" in error["msg"]
     assert from_start.status_code == 200

@@ -2,14 +2,13 @@
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.framework import catch_up, ensure_created
+from projectors.framework import catch_up
 from projectors.projections.users import projection as users_projection
 from projectors.rebuild import rebuild, verify
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
@@ -19,21 +18,13 @@ from shared.settings import Settings
 from tests.user_api import (
     PASSWORD,
     bearer,
-    gateway_client,
     register,
     sign_in,
     superuser_token,
     unique_email,
 )
 
-
-@pytest.fixture
-async def client(
-    app_settings: Settings, engine: AsyncEngine
-) -> AsyncIterator[httpx.AsyncClient]:
-    await ensure_created(engine, [users_projection])
-    async with gateway_client(app_settings) as client:
-        yield client
+pytestmark = pytest.mark.usefixtures("users_table")
 
 
 async def project(engine: AsyncEngine) -> None:

@@ -1,0 +1,90 @@
+"""What the APIs accept from a client, whatever the route.
+
+Python's JSON parser and pydantic let through values that cannot be stored or
+sent back: a NUL character (PostgreSQL's text and jsonb refuse it), a lone UTF-16
+surrogate (not Unicode; nothing encodes it), NaN or an infinite number (JSON has
+no such number). Each would fail later as a 500, or be silently turned into
+null. Every request body derives from `RequestBody`, and every free-text query
+or form field is `StoredText`, so such input is a 422 that names where it was.
+"""
+
+import math
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Query
+from pydantic import AfterValidator, BaseModel, model_validator
+from pydantic_core import PydanticCustomError
+
+# PostgreSQL's bigint: offsets and log positions beyond it cannot be compared.
+MAX_BIGINT = 2**63 - 1
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be stored, or None if it can."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate)"
+    return None
+
+
+def _storable_text(text: str) -> str:
+    problem = text_problem(text)
+    if problem is not None:
+        raise PydanticCustomError(
+            "unstorable_text", "the text {problem}", {"problem": problem}
+        )
+    return text
+
+
+StoredText = Annotated[str, AfterValidator(_storable_text)]
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_BIGINT, description="skip this many items first")
+]
+
+
+def problems(value: Any) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Where in a parsed JSON document a value cannot be stored, and why.
+
+    Walks with a stack of its own, not by recursion: a deeply nested body must
+    not end in a RecursionError.
+    """
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem is not None:
+                yield path, f"the text {problem}"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                yield path, "the number is not finite (JSON has no NaN or Infinity)"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                problem = text_problem(key) if isinstance(key, str) else None
+                if problem is not None:
+                    # Not named: the key itself could not be sent back.
+                    yield path, f"a key {problem}"
+                else:
+                    pending.append(((*path, key), child))
+        elif isinstance(item, list):
+            pending.extend(((*path, i), child) for i, child in enumerate(item))
+
+
+class RequestBody(BaseModel):
+    """The base of every JSON request body: refuses what cannot be stored."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unstorable(cls, data: Any) -> Any:
+        for path, problem in problems(data):
+            where = ".".join(str(part) for part in path) or "the body"
+            raise PydanticCustomError(
+                "unstorable_value",
+                "{where}: {problem}",
+                {"where": where, "problem": problem},
+            )
+        return data
