@@ -45,8 +45,9 @@ class Submission:
     timeout_s: float
 
     def digest(self) -> str:
+        # timeout_s as a float: 300 sent and the default 300.0 are one request.
         canonical = json.dumps(
-            [self.task, self.payload, self.max_retries, self.timeout_s],
+            [self.task, self.payload, self.max_retries, float(self.timeout_s)],
             sort_keys=True,
             separators=(",", ":"),
         )

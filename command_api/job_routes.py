@@ -4,7 +4,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, Strict
 
 from command_api.dependencies import CurrentUser, Store
 from command_api.job_commands import JobResult, Submission, cancel_job, submit_job
@@ -21,10 +21,11 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 class JobSubmission(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
+    # Strict: `true` is no retry count and `"5"` no number of seconds.
     task: str = Field(min_length=1, max_length=100)
     payload: dict[str, Any] = Field(default_factory=dict)
-    max_retries: int = Field(default=3, ge=0, le=10)
-    timeout_s: float = Field(default=300, gt=0, le=3600)
+    max_retries: Annotated[int, Strict()] = Field(default=3, ge=0, le=10)
+    timeout_s: Annotated[float, Strict()] = Field(default=300.0, gt=0, le=3600)
 
 
 def answer_with(response: Response, result: JobResult) -> dict[str, Any]:

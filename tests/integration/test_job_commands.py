@@ -90,7 +90,15 @@ async def test_a_payload_the_task_refuses_is_422_naming_the_fields(client):
 
 
 @pytest.mark.parametrize(
-    "limits", [{"max_retries": 11}, {"timeout_s": 3601}, {"timeout_s": 0}]
+    "limits",
+    [
+        {"max_retries": 11},
+        {"timeout_s": 3601},
+        {"timeout_s": 0},
+        {"max_retries": True},
+        {"max_retries": "3"},
+        {"timeout_s": "5"},
+    ],
 )
 async def test_retries_and_timeout_beyond_their_limits_are_refused(client, limits):
     auth = await new_user(client)
@@ -130,6 +138,20 @@ async def test_the_same_idempotency_key_returns_the_same_job(client, engine):
             "SELECT count(*) FROM events WHERE type = 'JobSubmitted'"
         )
     assert count.scalar_one() == 1
+
+
+async def test_a_default_sent_or_left_out_is_the_same_request(client):
+    headers = {**await new_user(client), "Idempotency-Key": "defaults"}
+
+    implied = await client.post("/api/v1/jobs/", json={"task": "echo"}, headers=headers)
+    spelled = await client.post(
+        "/api/v1/jobs/",
+        json={"task": "echo", "payload": {}, "max_retries": 3, "timeout_s": 300},
+        headers=headers,
+    )
+
+    assert (implied.status_code, spelled.status_code) == (202, 202)
+    assert spelled.json()["id"] == implied.json()["id"]
 
 
 async def test_an_idempotency_key_reused_with_another_body_is_409(client):
