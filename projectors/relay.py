@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from shared.checkpoints import RELAY, checkpoint, save_checkpoint
-from shared.db import transaction
+from shared.db import connect_options, transaction
 from shared.event_store import EventStore, LogPosition, RecordedEvent
 from shared.log_listener import LogListener
 from shared.settings import Settings
@@ -144,7 +144,7 @@ class Relay:
         as long as that connection lives, and goes away with it if the process dies.
         """
         connection = await psycopg.AsyncConnection.connect(
-            self.settings.psycopg_dsn, autocommit=True, connect_timeout=5
+            self.settings.psycopg_dsn, autocommit=True, **connect_options(5)
         )
         async with connection:
             while not stopping.is_set():

@@ -23,7 +23,6 @@ def create_engine(
     server crash may then undo their last moments of work, whole transactions
     at a time and in commit order, and they redo it from their checkpoints.
     """
-    options = {} if durable else {"options": "-c synchronous_commit=off"}
     return create_async_engine(
         settings.database_url,
         pool_size=pool_size or settings.database_pool_size,
@@ -33,12 +32,39 @@ def create_engine(
         # died with the server is invalidated on first use and reported as
         # StoreUnavailable, and the pool then reconnects.
         pool_recycle=1800,
-        connect_args={
-            "connect_timeout": max(1, int(settings.database_connect_timeout_s)),
-            "application_name": "helixnet-core",
-            **options,
-        },
+        connect_args=connect_options(settings.database_connect_timeout_s, durable),
     )
+
+
+# Idle seconds before the first probe, seconds between probes, probes missed.
+KEEPALIVE = (30, 10, 3)
+
+
+def connect_options(timeout_s: float, durable: bool = True) -> dict[str, Any]:
+    """libpq options for every connection of HelixNet Core.
+
+    Both ends probe an idle connection, so that a peer that vanished without
+    closing it (a host lost, a network cut) is noticed within about a minute:
+    the client reconnects, and the server ends the session and releases what it
+    held (the relay's advisory lock, a running job's lock), so others take over.
+    """
+    idle, interval, count = KEEPALIVE
+    server = [
+        f"-c tcp_keepalives_idle={idle}",
+        f"-c tcp_keepalives_interval={interval}",
+        f"-c tcp_keepalives_count={count}",
+    ]
+    if not durable:
+        server.append("-c synchronous_commit=off")
+    return {
+        "connect_timeout": max(1, int(timeout_s)),
+        "application_name": "helixnet-core",
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
+        "keepalives_count": count,
+        "options": " ".join(server),
+    }
 
 
 def is_unavailable(exc: BaseException) -> bool:

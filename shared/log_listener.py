@@ -16,6 +16,8 @@ import logging
 
 import psycopg
 
+from shared.db import connect_options
+
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "helix_events"
@@ -84,7 +86,7 @@ class NotificationListener:
         while True:
             try:
                 connection = await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=5
+                    self._dsn, autocommit=True, **connect_options(5)
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {self.channel}")

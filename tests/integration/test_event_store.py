@@ -5,11 +5,12 @@ import json
 import time
 import uuid
 
+import psycopg
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import create_engine, transaction
+from shared.db import connect_options, create_engine, transaction
 from shared.errors import (
     DuplicateEventId,
     InvalidEventData,
@@ -236,6 +237,21 @@ async def test_unknown_or_invalid_events_are_refused_before_any_sql():
     # A backslash and "u0000" spelled out are only text, and no NUL.
     assert store._encode(new_stream(), [ThingHappened(name="\\u0000")], META, None)
     await dead.dispose()
+
+
+async def test_both_ends_probe_an_idle_connection(engine, settings):
+    # So that a vanished worker or relay host loses its advisory locks within
+    # about a minute, not after the kernel's default two hours.
+    async with engine.connect() as connection:
+        pooled = await connection.exec_driver_sql("SHOW tcp_keepalives_idle")
+        assert pooled.scalar_one() == "30"
+    direct = await psycopg.AsyncConnection.connect(
+        settings.psycopg_dsn, autocommit=True, **connect_options(5)
+    )
+    async with direct:
+        cursor = await direct.execute("SHOW tcp_keepalives_count")
+        assert await cursor.fetchone() == ("3",)
+        assert direct.info.get_parameters()["keepalives_idle"] == "30"
 
 
 async def test_a_down_database_gives_a_retryable_error_not_a_hang():
