@@ -11,6 +11,7 @@ from command_api.job_commands import JobResult, Submission, cancel_job, submit_j
 from shared.inputs import RequestBody
 from shared.jobs import InvalidPayload, UnknownTask, load_catalog
 from shared.jobs.views import JobOut
+from shared.responses import LOCATION, POSITION, documented
 from shared.web import client_errors
 
 POSITION_HEADER = "Helix-Position"
@@ -51,7 +52,12 @@ def refuse_unless_valid(body: JobSubmission) -> None:
         raise HTTPException(422, client_errors(errors)) from None
 
 
-@router.post("/", status_code=202, response_model=JobOut)
+@router.post(
+    "/",
+    status_code=202,
+    response_model=JobOut,
+    responses=documented(202, headers=(LOCATION, POSITION), errors=(401, 409, 413)),
+)
 async def submit(
     body: JobSubmission,
     request: Request,
@@ -77,7 +83,12 @@ async def submit(
     return answer_with(response, result)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses=documented(202, headers=(LOCATION, POSITION), errors=(401, 404, 409)),
+)
 async def cancel(
     job_id: UUID,
     request: Request,

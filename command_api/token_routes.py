@@ -11,6 +11,7 @@ from command_api.user_commands import CommandContext, SignInRefused, sign_in
 from command_api.user_routes import POSITION_HEADER
 from shared.auth import UNAUTHORIZED_HEADERS, create_access_token
 from shared.inputs import StoredText
+from shared.responses import POSITION, documented
 from shared.users import normalise_email
 
 router = APIRouter(prefix="/api/v1", tags=["auth"])
@@ -25,7 +26,11 @@ class TokenOut(BaseModel):
     expires_in: int
 
 
-@router.post("/token", response_model=TokenOut)
+@router.post(
+    "/token",
+    response_model=TokenOut,
+    responses=documented(200, headers=(POSITION,), errors=(401, 413, 429)),
+)
 async def issue_token(
     username: Annotated[StoredText, Form(max_length=320)],
     password: Annotated[str, Form(max_length=4096)],

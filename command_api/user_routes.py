@@ -17,6 +17,7 @@ from command_api.user_commands import (
 )
 from shared.errors import PermissionDenied, PreconditionFailed
 from shared.inputs import RequestBody
+from shared.responses import ETAG, LOCATION, POSITION, documented
 from shared.users import UserOut, etag
 
 POSITION_HEADER = "Helix-Position"
@@ -71,7 +72,14 @@ def answer_with(response: Response, result: UserResult) -> UserOut:
     return result.user.to_out()
 
 
-@router.post("/", status_code=201, response_model=UserOut)
+@router.post(
+    "/",
+    status_code=201,
+    response_model=UserOut,
+    responses=documented(
+        201, headers=(LOCATION, POSITION, ETAG), errors=(401, 403, 409, 413)
+    ),
+)
 async def create_user(
     body: UserCreate,
     request: Request,
@@ -96,7 +104,13 @@ async def create_user(
     return answer_with(response, result)
 
 
-@router.patch("/{user_id}", response_model=UserOut)
+@router.patch(
+    "/{user_id}",
+    response_model=UserOut,
+    responses=documented(
+        200, headers=(POSITION, ETAG), errors=(401, 403, 404, 409, 412, 413)
+    ),
+)
 async def patch_user(
     user_id: UUID,
     body: UserUpdate,
@@ -132,7 +146,12 @@ async def patch_user(
     return answer_with(response, result)
 
 
-@router.delete("/{user_id}", status_code=204, response_class=Response)
+@router.delete(
+    "/{user_id}",
+    status_code=204,
+    response_class=Response,
+    responses=documented(204, headers=(POSITION,), errors=(401, 403, 404)),
+)
 async def remove_user(
     user_id: UUID,
     request: Request,

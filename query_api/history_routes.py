@@ -26,6 +26,7 @@ from shared.errors import UnknownEventType
 from shared.events import registry
 from shared.inputs import MAX_BIGINT, StoredText
 from shared.jobs.state import job_stream
+from shared.responses import documented
 from shared.users import user_id_of, user_stream
 from shared.web import validation_error
 
@@ -125,7 +126,11 @@ async def _stream_page(
     return await _page(connection, filters, params, limit)
 
 
-@router.get("/users/{user_id}/history", response_model=HistoryPage)
+@router.get(
+    "/users/{user_id}/history",
+    response_model=HistoryPage,
+    responses=documented(200, errors=(401, 404)),
+)
 async def user_history(
     user_id: UUID,
     engine: Engine,
@@ -143,7 +148,11 @@ async def user_history(
     return page
 
 
-@router.get("/jobs/{job_id}/history", response_model=HistoryPage)
+@router.get(
+    "/jobs/{job_id}/history",
+    response_model=HistoryPage,
+    responses=documented(200, errors=(401, 404)),
+)
 async def job_history(
     job_id: UUID,
     engine: Engine,
@@ -168,7 +177,9 @@ async def job_history(
         return await _stream_page(connection, stream_id, after, limit)
 
 
-@router.get("/audit", response_model=HistoryPage)
+@router.get(
+    "/audit", response_model=HistoryPage, responses=documented(200, errors=(401, 403))
+)
 async def audit(
     engine: Engine,
     principal: Superuser,

@@ -19,6 +19,7 @@ from shared.errors import NotFound
 from shared.inputs import Offset
 from shared.jobs.state import TERMINAL_STATUSES, JobStatus
 from shared.jobs.views import JobList, JobOut
+from shared.responses import documented
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -54,7 +55,9 @@ def _visible(row: dict[str, Any] | None, principal: Principal) -> bool:
     return row is not None and principal.may_act_on(row["owner_id"])
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get(
+    "/{job_id}", response_model=JobOut, responses=documented(200, errors=(401, 404))
+)
 async def read_job(
     job_id: UUID,
     request: Request,
@@ -86,7 +89,7 @@ async def read_job(
     return row
 
 
-@router.get("/", response_model=JobList)
+@router.get("/", response_model=JobList, responses=documented(200, errors=(401, 403)))
 async def list_jobs(
     engine: Engine,
     principal: CurrentUser,

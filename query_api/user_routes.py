@@ -12,6 +12,7 @@ from shared import pii
 from shared.db import connect
 from shared.errors import NotFound
 from shared.inputs import Offset
+from shared.responses import ETAG, documented
 from shared.users import UserOut, etag, etag_matches
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
@@ -74,7 +75,7 @@ async def _one_user(
 IfNoneMatch = Annotated[str | None, Header(max_length=200)]
 
 
-@router.get("/", response_model=UserPage)
+@router.get("/", response_model=UserPage, responses=documented(200, errors=(401, 403)))
 async def list_users(
     engine: Engine,
     principal: Superuser,
@@ -96,7 +97,11 @@ async def list_users(
         return UserPage(items=items, total=int(total.scalar_one()))
 
 
-@router.get("/me", response_model=UserOut)
+@router.get(
+    "/me",
+    response_model=UserOut,
+    responses=documented(200, headers=(ETAG,), errors=(304, 401)),
+)
 async def read_me(
     engine: Engine,
     principal: CurrentUser,
@@ -108,7 +113,11 @@ async def read_me(
     return await _one_user(engine, principal.user_id, response, if_none_match)
 
 
-@router.get("/{user_id}", response_model=UserOut)
+@router.get(
+    "/{user_id}",
+    response_model=UserOut,
+    responses=documented(200, headers=(ETAG,), errors=(304, 401, 404)),
+)
 async def read_user(
     user_id: UUID,
     engine: Engine,

@@ -270,7 +270,13 @@ def add_health_route(
             log.warning("health check failing", extra={"failing": failing})
         return JSONResponse(body, 200 if healthy else 503)
 
-    app.add_api_route("/health/", health, methods=["GET"], tags=["health"])
+    app.add_api_route(
+        "/health/",
+        health,
+        methods=["GET"],
+        tags=["health"],
+        responses={503: {"description": "A dependency is down; `checks` names it"}},
+    )
 
 
 # These are coroutines on purpose: FastAPI runs a plain `def` dependency in its

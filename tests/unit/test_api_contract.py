@@ -64,3 +64,26 @@ async def test_the_gateway_serves_the_merged_schema():
         response = await client.get("/openapi.json")
     assert response.status_code == 200
     assert "/api/v1/jobs/{job_id}/cancel" in response.json()["paths"]
+
+
+def test_the_schema_names_the_errors_and_headers_of_every_route():
+    paths = gateway().openapi()["paths"]
+
+    def answers(method: str, path: str) -> dict:
+        return paths[path][method]["responses"]
+
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            assert "503" in operation["responses"], (method, path)
+    submit = answers("post", "/api/v1/jobs/")
+    assert {"202", "401", "409", "413", "422", "503"} <= set(submit)
+    assert {"Location", "Helix-Position"} <= set(submit["202"]["headers"])
+    assert "Retry-After" in submit["503"]["headers"]
+    assert "WWW-Authenticate" in submit["401"]["headers"]
+    assert {"304", "404"} <= set(answers("get", "/api/v1/users/{user_id}"))
+    assert "ETag" in answers("get", "/api/v1/users/{user_id}")["200"]["headers"]
+    assert {"403", "404", "409", "412"} <= set(
+        answers("patch", "/api/v1/users/{user_id}")
+    )
+    assert "429" in answers("post", "/api/v1/token")
+    assert "403" in answers("get", "/api/v1/audit")
