@@ -145,6 +145,20 @@ async def lock_credentials(
     return None if row is None else _credentials(row)
 
 
+async def lock_active_superusers(connection: AsyncConnection) -> list[UUID]:
+    """The active superusers' ids, their rows locked until the transaction ends.
+
+    Taken before any single account's lock by a command that may remove a
+    superuser, and always in id order, so two such commands never deadlock and
+    the second sees what the first left.
+    """
+    result = await connection.exec_driver_sql(
+        "SELECT user_id FROM user_credentials WHERE is_superuser AND is_active"
+        " ORDER BY user_id FOR UPDATE"
+    )
+    return [row[0] for row in result.all()]
+
+
 async def find_credentials_by_email(
     connection: AsyncConnection, email: str
 ) -> Credentials | None:

@@ -18,21 +18,33 @@ log = logging.getLogger(__name__)
 
 
 async def seed_first_superuser(settings: Settings) -> UUID | None:
-    """Register the settings' first superuser unless its email is taken already.
+    """Register the settings' first superuser unless an active superuser exists.
 
-    Safe to run any number of times, also at once: the email reservation lets
-    exactly one registration through. Returns the new user's id, or None.
+    So an operator who renamed, re-passworded or retired the seeded account does
+    not find it back after the next setup, and one locked out of every superuser
+    account gets one. Safe to run any number of times, also at once: the email
+    reservation lets exactly one registration through. The new user's id, or None.
     """
     email = normalise_email(settings.first_superuser_email)
     engine = create_engine(settings, pool_size=2)
     try:
         async with connect(engine) as connection:
+            active = await connection.exec_driver_sql(
+                "SELECT 1 FROM user_credentials WHERE is_superuser AND is_active"
+                " LIMIT 1"
+            )
+            if active.first() is not None:
+                log.info("an active superuser exists; none seeded")
+                return None
             taken = await connection.exec_driver_sql(
                 "SELECT 1 FROM user_email_reservations WHERE email = %(email)s",
                 {"email": email},
             )
             if taken.first() is not None:
-                log.info("first superuser exists already")
+                log.warning(
+                    "no active superuser, and the first superuser's email is"
+                    " taken: set HELIX_FIRST_SUPERUSER_EMAIL to a free address"
+                )
                 return None
         try:
             result = await register_user(

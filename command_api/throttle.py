@@ -11,12 +11,15 @@ and an increment.
 """
 
 import hashlib
+import logging
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from shared.errors import Unavailable
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "helix:signin-failures:"
 
@@ -49,7 +52,11 @@ class SignInThrottle:
         return max(int(ttl), 1)
 
     async def succeeded(self, email: str, client_address: str) -> None:
+        """Clear the count. Not fatal if Redis fails now: the attempt succeeded
+        (and was recorded), and the count expires with its window anyway."""
         try:
             await self.client.delete(self.key(email, client_address))
         except RedisError as exc:
-            raise Unavailable("Redis is unavailable") from exc
+            log.warning(
+                "could not clear a sign-in failure count", extra={"error": repr(exc)}
+            )

@@ -16,6 +16,7 @@ from command_api.accounts import (
     find_credentials_by_email,
     insert_credentials,
     load_user,
+    lock_active_superusers,
     lock_credentials,
     release_email,
     reserve_email,
@@ -154,6 +155,11 @@ async def update_user(
     new_hash = await hasher.hash(changes.password) if changes.password else None
 
     async with transaction(store.engine) as connection:
+        superusers = (
+            await lock_active_superusers(connection)
+            if changes.is_superuser is False or changes.is_active is False
+            else []
+        )
         credentials = await lock_credentials(connection, user_id)
         if credentials is None:
             raise NotFound("user not found")
@@ -187,6 +193,8 @@ async def update_user(
             "is_active": _given(changes.is_active, state.is_active),
         }
         if standing != {"is_superuser": state.is_superuser, "is_active": was_active}:
+            if not all(standing.values()):
+                _keep_a_superuser(superusers, user_id)
             decided.append((UserRoleChanged(**standing), standing))
         if not decided:
             return UserResult(state, state.last_position)
@@ -224,6 +232,14 @@ def _given(value: bool | None, current: bool) -> bool:
     return current if value is None else value
 
 
+def _keep_a_superuser(superusers: list[UUID], user_id: UUID) -> None:
+    """Refuse to remove the last active superuser: no one could manage users after."""
+    if superusers == [user_id]:
+        raise Conflict(
+            "this is the last active superuser: make another superuser first"
+        )
+
+
 def _check_may_change(
     principal: Principal, user_id: UUID, changes: UserChanges
 ) -> None:
@@ -254,6 +270,7 @@ async def _check_current_password(
         raise NotFound("user not found")
     ok, _ = await hasher.verify(changes.current_password, stored)
     if not ok:
+        log.warning("wrong current_password", extra={"user_id": str(user_id)})
         raise PermissionDenied("current_password is wrong")
 
 
@@ -270,6 +287,7 @@ async def delete_user(
         raise NotFound("user not found")
 
     async with transaction(store.engine) as connection:
+        superusers = await lock_active_superusers(connection)
         credentials = await lock_credentials(connection, user_id)
         if credentials is None:
             raise NotFound("user not found")
@@ -277,6 +295,7 @@ async def delete_user(
         # Deleting again changes nothing, unless this time it also erases.
         if state.deleted and (state.erased or not erase):
             return state.last_position
+        _keep_a_superuser(superusers, user_id)
 
         result = await store.append(
             user_stream(user_id),
@@ -323,15 +342,19 @@ async def sign_in(
         raise SignInRefused("incorrect email or password")
     ok, new_hash = await hasher.verify(password, credentials.password_hash)
     user_id = credentials.user_id
-    if ok and credentials.is_active:
-        event: DomainEvent = UserSignedIn()
-    else:
-        event = UserSignInFailed(reason="inactive" if ok else "wrong_password")
 
     async with transaction(store.engine) as connection:
-        # The lock orders this append after any command in flight on the user.
-        if await lock_credentials(connection, user_id) is None:
+        # The lock orders this append after any command in flight on the user,
+        # and the decision is made on the row as it is now: a password changed
+        # or an account closed while this one was verified wins.
+        locked = await lock_credentials(connection, user_id)
+        if locked is None:
             raise SignInRefused("incorrect email or password")
+        ok = ok and locked.password_hash == credentials.password_hash
+        if ok and locked.is_active:
+            event: DomainEvent = UserSignedIn()
+        else:
+            event = UserSignInFailed(reason="inactive" if ok else "wrong_password")
         result = await store.append(
             user_stream(user_id),
             [event],

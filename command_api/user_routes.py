@@ -6,7 +6,15 @@ from uuid import UUID
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from pydantic import ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
-from command_api.dependencies import CurrentUser, Hasher, OptionalUser, Store
+from command_api.dependencies import (
+    AppSettings,
+    CurrentUser,
+    Hasher,
+    OptionalUser,
+    Redis,
+    Store,
+)
+from command_api.throttle import SignInThrottle
 from command_api.user_commands import (
     CommandContext,
     UserChanges,
@@ -108,7 +116,7 @@ async def create_user(
     "/{user_id}",
     response_model=UserOut,
     responses=documented(
-        200, headers=(POSITION, ETAG), errors=(401, 403, 404, 409, 412, 413)
+        200, headers=(POSITION, ETAG), errors=(401, 403, 404, 409, 412, 413, 429)
     ),
 )
 async def patch_user(
@@ -119,9 +127,26 @@ async def patch_user(
     store: Store,
     hasher: Hasher,
     principal: CurrentUser,
+    settings: AppSettings,
+    redis: Redis,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
     """Update a user (self or superuser); send If-Match to refuse lost updates."""
+    # Guessing current_password with a stolen token is throttled like sign-ins,
+    # per account (from whichever address).
+    throttle = SignInThrottle(redis, settings)
+    throttle_key = f"current-password:{user_id}"
+    checks_password = principal.user_id == user_id and (
+        body.email is not None or body.password is not None
+    )
+    if checks_password and body.current_password is not None:
+        retry_after = await throttle.attempt(throttle_key, "")
+        if retry_after is not None:
+            raise HTTPException(
+                429,
+                "too many wrong current passwords; try again later",
+                headers={"Retry-After": str(retry_after)},
+            )
     changes = UserChanges(
         email=body.email,
         full_name=body.full_name,
@@ -143,6 +168,8 @@ async def patch_user(
         )
     except PreconditionFailed as exc:
         raise HTTPException(412, str(exc)) from None
+    if checks_password:
+        await throttle.succeeded(throttle_key, "")
     return answer_with(response, result)
 
 
@@ -150,7 +177,7 @@ async def patch_user(
     "/{user_id}",
     status_code=204,
     response_class=Response,
-    responses=documented(204, headers=(POSITION,), errors=(401, 403, 404)),
+    responses=documented(204, headers=(POSITION,), errors=(401, 403, 404, 409)),
 )
 async def remove_user(
     user_id: UUID,
