@@ -15,10 +15,12 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Annotated, Any, NoReturn, TypeVar
 
+import psycopg
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,6 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.framework import Projection, ensure_created
@@ -40,6 +43,7 @@ from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
 from shared import pii
 from shared.checkpoints import lags
 from shared.db import connect, create_engine
+from shared.errors import HelixError
 from shared.event_store import EventStore, LogPosition, RecordedEvent
 from shared.events import registry
 from shared.events.registry import EventRegistry
@@ -71,14 +75,53 @@ def load_registry() -> EventRegistry:
 
 
 def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    settings = _settings()
+
     async def main() -> T:
-        engine = create_engine(Settings(), pool_size=4)
+        engine = create_engine(settings, pool_size=4)
         try:
             return await work(engine)
         finally:
             await engine.dispose()
 
-    return asyncio.run(main())
+    with _one_line_errors():
+        return asyncio.run(main())
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"HELIX_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            if e["loc"]
+            else e["msg"]
+            for e in exc.errors()
+        )
+        _fail(f"invalid settings: {problems}", 2)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """What an operator can act on is one line on stderr and exit status 1."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        _fail(f"HELIX_DATABASE_URL names a driver that is not installed: {exc}")
+    except (HelixError, OSError, UnicodeError) as exc:
+        _fail(str(exc))
+    except (SQLAlchemyError, psycopg.Error) as exc:
+        original = getattr(exc, "orig", None) or exc
+        lines = str(original).strip().splitlines()
+        hint = ""
+        if isinstance(original, psycopg.errors.UndefinedTable):
+            hint = " (is the database set up? run `make setup`)"
+        _fail(f"PostgreSQL: {lines[0] if lines else type(original).__name__}{hint}")
+
+
+def _fail(message: str, status: int = 1) -> NoReturn:
+    errors.print(message, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(status)
 
 
 def _select(name: str | None, every: bool) -> list[Projection]:
@@ -305,7 +348,7 @@ def events_tail(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
-        listener = LogListener(Settings().psycopg_dsn)
+        listener = LogListener(_settings().psycopg_dsn)
         await listener.start()
         try:
             while not stopping.is_set():

@@ -31,6 +31,7 @@ from projectors.framework import (
 )
 from shared.checkpoints import read_checkpoint, save_checkpoint
 from shared.db import connect, transaction
+from shared.errors import Conflict
 from shared.event_store import LOG_START, EventStore, LogPosition, RecordedEvent
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ async def rebuild(
             )
         ).one()
         if state[1] != generation:
-            raise RuntimeError(f"another rebuild of {projection.name} took over")
+            raise Conflict(f"another rebuild of {projection.name} took over")
         old_generation = int(state[0])
         head = await store.head()
         tail: list[RecordedEvent] = []

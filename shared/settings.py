@@ -19,8 +19,10 @@ WELL_KNOWN_PASSWORDS = frozenset(
 class Settings(BaseSettings):
     """Every knob of HelixNet Core, read from `HELIX_*` environment variables."""
 
+    # An invalid setting is named, never echoed with the others: they hold the
+    # JWT secret, the master keys and passwords.
     model_config = SettingsConfigDict(
-        env_prefix="HELIX_", env_file=".env", extra="ignore"
+        env_prefix="HELIX_", env_file=".env", extra="ignore", hide_input_in_errors=True
     )
 
     env: Literal["development", "test", "production"] = "development"

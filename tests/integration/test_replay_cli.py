@@ -8,6 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from shared.db import create_engine, transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobSubmitted
 from shared.settings import Settings
+from tests import databases
 from tests.sample_events import ThingRenamed, sample_events
 from tests.sample_projection import append_things, make_projection
 
@@ -101,6 +103,63 @@ def test_rebuild_of_an_unknown_projection_is_refused(helix, database_url):
     result = helix.invoke(cli.app, ["projections", "rebuild", "nothing"])
 
     assert result.exit_code == 2
+
+
+UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/none"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["projections", "status"],
+        ["projections", "rebuild", "--all"],
+        ["events", "stream", "user-x"],
+        ["events", "tail"],
+        ["keys", "rewrap"],
+    ],
+)
+def test_a_command_that_cannot_reach_postgres_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    monkeypatch.setenv("HELIX_DATABASE_URL", UNREACHABLE)
+
+    result = runner.invoke(cli.app, command)
+
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["PostgreSQL is unavailable"]
+
+
+def test_a_database_never_set_up_is_named_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = f"helix_test_empty_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(
+        "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True
+    ) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        monkeypatch.setenv("HELIX_DATABASE_URL", databases.database_url(name))
+        result = runner.invoke(cli.app, ["events", "tail"])
+    finally:
+        databases.drop(name)
+
+    assert result.exit_code == 1
+    [line] = result.output.strip().splitlines()
+    assert "make setup" in line
+
+
+def test_invalid_settings_are_named_and_their_values_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HELIX_PII_MASTER_KEYS", "not a key")
+    monkeypatch.setenv("HELIX_FIRST_SUPERUSER_PASSWORD", "Sup3rSecretPw")
+
+    result = runner.invoke(cli.app, ["projections", "status"])
+
+    assert result.exit_code == 2
+    assert "HELIX_PII_MASTER_KEYS" in result.output
+    assert "Sup3rSecretPw" not in result.output
+    assert "not a key" not in result.output
 
 
 def test_events_tail_prints_the_last_events_as_json_lines(helix, database_url):

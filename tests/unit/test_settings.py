@@ -66,3 +66,12 @@ def test_pii_master_keys_are_listed_newest_first():
     older = Fernet.generate_key().decode()
     settings = Settings(_env_file=None, pii_master_keys=f" {MASTER_KEY} ,{older}")
     assert settings.pii_master_key_list == [MASTER_KEY, older]
+
+
+def test_an_invalid_setting_is_named_without_showing_any_value():
+    with pytest.raises(ValidationError) as caught:
+        Settings(pii_master_keys="not a key", first_superuser_password="Sup3rSecretPw")
+
+    assert "HELIX_PII_MASTER_KEYS" in str(caught.value)
+    assert "Sup3rSecretPw" not in str(caught.value)
+    assert "not a key" not in str(caught.value)
