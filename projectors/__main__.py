@@ -19,7 +19,12 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    await run(settings, stopping)
+    try:
+        await run(settings, stopping)
+    except Exception:
+        # In the log's own format (JSON in production), not a bare traceback.
+        log.exception("projectors failed")
+        raise SystemExit(1) from None
     log.info("projectors stopped")
 
 

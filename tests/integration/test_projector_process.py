@@ -7,14 +7,22 @@ import subprocess
 import sys
 import uuid
 
-from projectors.framework import ensure_created
+from projectors import runner
+from projectors.framework import ProjectionTx, ensure_created
 from projectors.runner import run
 from shared.checkpoints import checkpoint
 from shared.db import connect
-from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.event_store import (
+    LOG_START,
+    NO_STREAM,
+    EventMetadata,
+    EventStore,
+    RecordedEvent,
+)
+from shared.settings import Settings
 from tests.broker import delete_broker_objects
 from tests.sample_events import ThingHappened, sample_events
-from tests.sample_projection import make_projection
+from tests.sample_projection import ThingNoted, make_projection
 
 META = EventMetadata(source="tests")
 
@@ -97,3 +105,56 @@ def test_the_projector_process_stops_cleanly_on_sigterm(settings, database_url):
 
     assert process.returncode == 0, errors
     assert "projectors stopped" in errors
+
+
+async def test_a_start_while_postgres_is_down_waits_for_it_and_still_stops():
+    unreachable = Settings(
+        env="test",
+        database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
+        database_connect_timeout_s=1,
+    )
+    stopping = asyncio.Event()
+    running = asyncio.create_task(
+        run(unreachable, stopping, projections=[make_projection()])
+    )
+
+    await asyncio.sleep(1.5)
+    waiting = not running.done()
+    stopping.set()
+    await asyncio.wait_for(running, 10)
+
+    assert waiting, "the process gave up instead of waiting for PostgreSQL"
+
+
+async def test_a_catch_up_that_would_not_end_is_cancelled_on_stop(
+    settings, engine, monkeypatch
+):
+    store = EventStore(engine, sample_events)
+    stuck = make_projection()
+    applying = asyncio.Event()
+
+    @stuck.handles("ThingNoted")
+    async def never_done(tx: ProjectionTx, event: RecordedEvent) -> None:
+        applying.set()
+        await asyncio.sleep(3600)
+
+    await ensure_created(engine, [stuck])
+    await store.append(
+        f"thing-{uuid.uuid4()}",
+        [ThingHappened(name="a"), ThingNoted(note="forever")],
+        expected_version=NO_STREAM,
+        metadata=META,
+    )
+    monkeypatch.setattr(runner, "STOP_GRACE_S", 1.0)
+    # No broker: the consumer keeps the table moving from the store instead.
+    offline = settings.model_copy(
+        update={"rabbitmq_url": "amqp://guest:guest@127.0.0.1:1//"}
+    )
+    stopping = asyncio.Event()
+    running = asyncio.create_task(run(offline, stopping, projections=[stuck]))
+    await asyncio.wait_for(applying.wait(), 30)
+
+    stopping.set()
+    await asyncio.wait_for(running, 15)
+
+    assert await checkpoint(engine, "things") == LOG_START
