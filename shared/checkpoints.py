@@ -86,10 +86,17 @@ class Lag:
 
 _LAG = f"""
 SELECT c.name, c.transaction_id::text::bigint, c.position,
-       extract(epoch FROM now() - c.updated_at)::float8,
+       coalesce(extract(epoch FROM now() - c.updated_at)::float8, 'infinity'),
        behind.events,
        coalesce(extract(epoch FROM now() - behind.oldest), 0)::float8
-FROM checkpoints c
+FROM (
+    SELECT name, transaction_id, position, updated_at FROM checkpoints
+    UNION ALL
+    -- A consumer that has never run is behind by the whole log.
+    SELECT expected, '0'::xid8, 0, NULL
+    FROM unnest(%(expected)s::text[]) AS expected
+    WHERE NOT EXISTS (SELECT 1 FROM checkpoints WHERE name = expected)
+) c
 LEFT JOIN projection_state s ON s.name = c.name
 CROSS JOIN LATERAL (
     SELECT coalesce(s.event_types, ARRAY(
@@ -113,10 +120,12 @@ async def lags(engine: AsyncEngine, names: Sequence[str] | None = None) -> list[
 
     A projection's lag counts only the event types it handles, the dispatcher's
     only those it dispatches; the relay's counts every event. Seconds are the age
-    of the oldest event it has yet to process (0 when it is caught up).
+    of the oldest event it has yet to process (0 when it is caught up). The relay
+    and the dispatcher are there even before they first ran, behind by the log.
     """
     params = {
         "names": list(names) if names is not None else None,
+        "expected": [RELAY, DISPATCHER],
         "relay": RELAY,
         "consumer_types": json.dumps({DISPATCHER: DISPATCHED_TYPES}),
     }

@@ -1,5 +1,6 @@
 """Prometheus metrics of an API process, served at `GET /metrics`."""
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,6 +13,8 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter(
     "helix_http_requests_total",
@@ -38,6 +41,12 @@ READ_HORIZON_SECONDS = Gauge(
     "helix_read_horizon_held_seconds",
     "How long the oldest writing transaction on the PostgreSQL server has been"
     " open: consumers of the log see nothing committed after it began.",
+)
+
+REFRESH_FAILED = Gauge(
+    "helix_metrics_refresh_failed",
+    "1 when the figures read from PostgreSQL (lag, read horizon) could not be"
+    " refreshed for this scrape and show their last values.",
 )
 
 
@@ -76,9 +85,20 @@ def add_metrics_route(
     app: FastAPI, refresh: Callable[[Request], Awaitable[None]] | None = None
 ) -> None:
     async def metrics(request: Request) -> Response:
-        """Prometheus metrics of this process."""
+        """Prometheus metrics of this process.
+
+        Served during an outage too, when they matter most: if the figures read
+        from PostgreSQL cannot be refreshed, they keep their last values and
+        helix_metrics_refresh_failed says so.
+        """
         if refresh is not None:
-            await refresh(request)
+            try:
+                await refresh(request)
+            except Exception as exc:
+                REFRESH_FAILED.set(1)
+                log.warning("metrics refresh failed", extra={"error": repr(exc)})
+            else:
+                REFRESH_FAILED.set(0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route(

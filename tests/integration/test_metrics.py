@@ -50,6 +50,7 @@ async def test_metrics_count_requests_by_route_and_report_consumer_lag(
                 assert (await client.get("/health/")).status_code == 503
             user = f"/api/v1/users/{uuid.uuid4()}"
             assert (await client.get(user)).status_code == 401
+            assert (await client.head(user)).status_code == 401
             response = await client.get("/metrics")
 
     assert response.status_code == 200
@@ -64,7 +65,33 @@ async def test_metrics_count_requests_by_route_and_report_consumer_lag(
         ("status", "401"),
     )
     assert requests[by_template] >= 1
+    head = (("app", "query_api"), ("method", "HEAD"), *by_template[2:])
+    assert requests[head] >= 1
     lag = samples(response.text, "helix_consumer_lag_events")
     assert lag[(("consumer", "relay"),)] == 3
     # No transaction holds the log back meanwhile.
     assert samples(response.text, "helix_read_horizon_held_seconds")[()] < 5
+
+
+async def test_metrics_are_served_while_postgres_is_down(settings):
+    unreachable = settings.model_copy(
+        update={
+            "database_url": "postgresql+psycopg://postgres@127.0.0.1:1/none",
+            "database_connect_timeout_s": 1,
+        }
+    )
+    app = create_query_app(unreachable)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t"
+        ) as client:
+            await client.get("/api/v1/audit")
+            response = await client.get("/metrics")
+
+    assert response.status_code == 200
+    assert samples(response.text, "helix_metrics_refresh_failed")[()] == 1
+    assert any(
+        ("route", "/api/v1/audit") in labels
+        for labels in samples(response.text, "helix_http_requests_total")
+    )

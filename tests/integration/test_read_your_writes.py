@@ -11,9 +11,10 @@ from fastapi import Depends, FastAPI
 
 from projectors.framework import catch_up, ensure_created
 from query_api.consistency import consistent_read
-from shared.checkpoints import lag_check, lags
-from shared.db import connect
+from shared.checkpoints import RELAY, lag_check, lags, save_checkpoint
+from shared.db import connect, transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.jobs.messaging import DISPATCHER
 from shared.settings import Settings
 from tests.sample_events import ThingHappened, sample_events
 from tests.sample_projection import ThingNoted, make_projection
@@ -155,9 +156,18 @@ async def test_lag_counts_only_the_events_a_projection_handles(engine, things):
     assert lag.seconds >= 0
 
 
+async def mark_caught_up(engine, store: EventStore, *names: str) -> None:
+    head = await store.head()
+    async with transaction(engine) as connection:
+        for name in names:
+            await save_checkpoint(connection, name, head)
+
+
 async def test_lag_check_fails_naming_a_projection_that_is_behind(engine, things):
     check = lag_check(engine, max_lag_s=0.0)
     await project(engine, things, await add_thing(things))
+    # As if the relay and the dispatcher had run.
+    await mark_caught_up(engine, things, RELAY, DISPATCHER)
     await check()
     await add_thing(things)
     async with asyncio.timeout(30):
@@ -168,6 +178,19 @@ async def test_lag_check_fails_naming_a_projection_that_is_behind(engine, things
 
     with pytest.raises(RuntimeError, match="things is 1 events"):
         await check()
+
+
+async def test_lag_check_fails_while_the_projectors_have_never_run(engine, things):
+    await add_thing(things)
+    async with asyncio.timeout(30):
+        while True:  # until the event is below the read horizon
+            if await things.read_all():
+                break
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+
+    with pytest.raises(RuntimeError, match="relay is 1 events"):
+        await lag_check(engine, max_lag_s=0.0)()
 
 
 async def test_lag_check_names_a_long_transaction_that_holds_the_log_back(
