@@ -32,6 +32,9 @@ def create_engine(
         # died with the server is invalidated on first use and reported as
         # StoreUnavailable, and the pool then reconnects.
         pool_recycle=1800,
+        # An error's text names the statement, never its values: they include
+        # password hashes and personal data.
+        hide_parameters=True,
         connect_args=connect_options(settings.database_connect_timeout_s, durable),
     )
 

@@ -254,6 +254,16 @@ async def test_both_ends_probe_an_idle_connection(engine, settings):
         assert direct.info.get_parameters()["keepalives_idle"] == "30"
 
 
+async def test_a_failed_statement_never_shows_its_values(engine):
+    with pytest.raises(sa_exc.DBAPIError) as caught:
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql(
+                "SELECT %(secret)s::text, 1 / 0", {"secret": "$argon2id$a-hash"}
+            )
+
+    assert "argon2id" not in str(caught.value)
+
+
 async def test_a_down_database_gives_a_retryable_error_not_a_hang():
     dead = create_engine(
         Settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
