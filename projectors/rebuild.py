@@ -122,6 +122,8 @@ async def _fill(
             done,
             total,
             batch_size,
+            # A generation's checkpoint goes only when a rebuild swaps it in.
+            building=generation is not None,
         )
     async for page in _pages(store, projection, position, until, batch_size):
         async with transaction(engine) as connection:
@@ -159,11 +161,20 @@ async def _fill_set_based(
     done: int,
     total: int,
     batch_size: int,
+    *,
+    building: bool,
 ) -> tuple[LogPosition, int]:
-    """Like `_fill`, with SQL handlers reading the events where they are."""
+    """Like `_fill`, with SQL handlers reading the events where they are.
+
+    When `building` a generation, its checkpoint gone means another rebuild of
+    the same generation swapped it in: starting over from the log's beginning
+    would apply every event a second time to what is now the live table.
+    """
     while True:
         async with transaction(engine) as connection:
             current = await read_checkpoint(connection, checkpoint, for_update=True)
+            if current is None and building:
+                raise Conflict(f"another rebuild of {projection.name} took over")
             current = current or LOG_START
             params = {
                 "types": projection.event_types,

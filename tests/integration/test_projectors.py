@@ -9,11 +9,13 @@ import aio_pika
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projectors import rebuild as rebuild_module
 from projectors.consumer import ProjectionConsumer
 from projectors.framework import (
     ProjectionTx,
     apply_batch,
     catch_up,
+    checkpoint_name,
     ensure_created,
 )
 from projectors.projections import discover
@@ -21,6 +23,7 @@ from projectors.rebuild import rebuild, verify
 from projectors.relay import Relay
 from shared.checkpoints import checkpoint
 from shared.db import connect, transaction
+from shared.errors import Conflict
 from shared.event_store import (
     EventMetadata,
     EventStore,
@@ -377,6 +380,37 @@ async def test_a_set_based_projection_rebuilds_to_the_rows_it_built_live(engine)
     assert await rows(engine, "SELECT * FROM things ORDER BY stream_id") == live
     assert await rows(engine, "SELECT count(*), max(applied) FROM things") == [(50, 2)]
     assert await verify(engine, projection, store=store, batch_size=4) == []
+
+
+async def test_a_rebuild_that_lost_the_race_does_not_replay_into_the_live_table(
+    engine,
+):
+    projection = make_sql_projection()
+    store = EventStore(engine, sample_events)
+    await ensure_created(engine, [projection])
+    await append_things(store, 12)
+    await settled(store)
+    # The loser started building the generation first; the winner resumed it,
+    # filled it and swapped it in.
+    generation = await rebuild_module._start_generation(engine, projection)
+    await rebuild(engine, projection, store=store, batch_size=5)
+
+    with pytest.raises(Conflict, match="took over"):
+        await rebuild_module._fill(
+            engine,
+            store,
+            projection,
+            generation=generation,
+            tables=None,
+            checkpoint=checkpoint_name(projection, generation),
+            until=None,
+            progress=None,
+            done=0,
+            total=0,
+            batch_size=5,
+        )
+
+    assert await rows(engine, "SELECT count(*), max(applied) FROM things") == [(12, 1)]
 
 
 async def test_events_appended_while_rabbitmq_is_down_are_projected_once_each(
