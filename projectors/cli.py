@@ -43,7 +43,7 @@ from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
 from shared import pii
 from shared.checkpoints import lags
 from shared.db import connect, create_engine
-from shared.errors import HelixError
+from shared.errors import Conflict, HelixError
 from shared.event_store import EventStore, LogPosition, RecordedEvent
 from shared.events import registry
 from shared.events.registry import EventRegistry
@@ -262,7 +262,11 @@ def projections_verify(
     events = load_registry()
 
     async def work(engine: AsyncEngine) -> dict[str, list[TableDifference]]:
-        await ensure_created(engine, chosen)
+        stale = await ensure_created(engine, chosen)
+        if stale:
+            # Their live tables have other columns: there is nothing to compare.
+            names = ", ".join(p.name for p in stale)
+            raise Conflict(f"made from another definition, rebuild first: {names}")
         store = EventStore(engine, events)
         found = {}
         with _progress() as progress:

@@ -99,6 +99,22 @@ def test_verify_exits_non_zero_and_prints_a_tampered_row(helix, database_url):
     assert '"name": "t3"' in result.output
 
 
+def test_verify_of_a_stale_projection_says_to_rebuild_it(
+    helix, database_url, monkeypatch
+):
+    given(database_url)
+    changed = make_projection()
+    changed.tables["things"] += ", colour text"
+    monkeypatch.setattr(cli, "load_projections", lambda: [changed])
+
+    result = helix.invoke(cli.app, ["projections", "verify", "things"])
+
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "made from another definition, rebuild first: things"
+    ]
+
+
 def test_rebuild_of_an_unknown_projection_is_refused(helix, database_url):
     result = helix.invoke(cli.app, ["projections", "rebuild", "nothing"])
 
