@@ -187,13 +187,13 @@ async def wait_until_processed(
     """Wait until the projections `names` have processed global `position`.
 
     Returns False if they have not within `timeout_s`. A position not in the log
-    (yet: a replica may lag its primary) counts as not processed; one the log has
-    not handed out at all is refused with ValidationFailed. Polls with a
-    short, growing interval: waits are brief, and a checkpoint moves often.
+    (yet: a replica may lag its primary) counts as not processed; one the log had
+    not even handed out when the wait ended is refused with ValidationFailed, for
+    no wait would reach it. Polls with a short, growing interval: waits are brief,
+    and a checkpoint moves often.
     """
     deadline = time.monotonic() + timeout_s
     located: LogPosition | None = None
-    first = True
     while True:
         async with connect(engine) as connection:
             if located is None:
@@ -201,14 +201,13 @@ async def wait_until_processed(
                     await connection.exec_driver_sql(_LOCATE, (position,))
                 ).first()
                 located = LogPosition(row[0], position) if row else None
-                if located is None and first:
-                    await _refuse_unissued(connection, position)
-            first = False
             if located is not None and await processed(connection, names, located):
                 return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if located is None:
+                    await _refuse_unissued(connection, position)
+                return False
         await asyncio.sleep(min(poll_s, remaining))
         poll_s = min(poll_s * 2, max_poll_s)
 

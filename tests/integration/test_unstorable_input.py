@@ -17,10 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projectors.framework import catch_up
 from projectors.projections.users import projection as users_projection
 from shared.db import connect
+from shared.settings import Settings
 from tests.user_api import (
     PASSWORD,
     bearer,
+    gateway_client,
     register,
+    settings_with_own_superuser,
     sign_in,
     superuser_token,
     unique_email,
@@ -235,19 +238,21 @@ async def test_a_position_header_that_is_no_position_is_422(
     assert error["loc"] == ["header", "Helix-Position"]
 
 
-async def test_a_position_the_log_never_handed_out_is_422_not_a_wait(
-    client: httpx.AsyncClient,
+async def test_a_position_the_log_never_handed_out_is_422_not_a_retry(
+    settings: Settings,
 ) -> None:
-    email = unique_email()
-    registered = await client.post(
-        "/api/v1/users/", json={"email": email, "password": PASSWORD}
-    )
-    auth = bearer(await sign_in(client, email))
-    ahead = int(registered.headers["Helix-Position"]) + 1_000_000
+    quick = settings_with_own_superuser(settings, read_your_writes_timeout_s=0.2)
+    async with gateway_client(quick) as client:
+        email = unique_email()
+        registered = await client.post(
+            "/api/v1/users/", json={"email": email, "password": PASSWORD}
+        )
+        auth = bearer(await sign_in(client, email))
+        ahead = int(registered.headers["Helix-Position"]) + 1_000_000
 
-    response = await client.get(
-        "/api/v1/users/me", headers={**auth, "Helix-Position": str(ahead)}
-    )
+        response = await client.get(
+            "/api/v1/users/me", headers={**auth, "Helix-Position": str(ahead)}
+        )
 
     assert response.status_code == 422
     assert "past the end of the log" in response.json()["detail"][0]["msg"]
