@@ -507,6 +507,26 @@ async def ensure_created(
     return stale
 
 
+async def retire_others(engine: AsyncEngine, projections: Sequence[Projection]) -> None:
+    """Stop counting the lag of projections that are no longer in the code.
+
+    Their tables stay (something may still read them) and their rows here too;
+    with no event types they are never behind, so `/health/` does not fail
+    forever on a projection nobody runs. Adding it back revives it.
+    """
+    async with transaction(engine) as connection:
+        result = await connection.exec_driver_sql(
+            "UPDATE projection_state SET event_types = '{}', updated_at = now()"
+            " WHERE NOT (name = ANY(%s)) AND event_types <> '{}' RETURNING name",
+            ([p.name for p in projections],),
+        )
+        for (name,) in result.all():
+            log.warning(
+                "projection is no longer in the code; its tables are kept",
+                extra={"projection": name},
+            )
+
+
 async def _create_projection(
     connection: AsyncConnection, projection: Projection
 ) -> None:

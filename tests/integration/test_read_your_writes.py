@@ -9,11 +9,17 @@ import psycopg
 import pytest
 from fastapi import Depends, FastAPI
 
-from projectors.framework import catch_up, ensure_created
+from projectors.framework import (
+    Projection,
+    ProjectionTx,
+    catch_up,
+    ensure_created,
+    retire_others,
+)
 from query_api.consistency import consistent_read
 from shared.checkpoints import RELAY, lag_check, lags, save_checkpoint
 from shared.db import connect, transaction
-from shared.event_store import NO_STREAM, EventMetadata, EventStore
+from shared.event_store import NO_STREAM, EventMetadata, EventStore, RecordedEvent
 from shared.jobs.messaging import DISPATCHER
 from shared.settings import Settings
 from tests.sample_events import ThingHappened, sample_events
@@ -178,6 +184,30 @@ async def test_lag_check_fails_naming_a_projection_that_is_behind(engine, things
 
     with pytest.raises(RuntimeError, match="things is 1 events"):
         await check()
+
+
+async def test_a_projection_no_longer_in_the_code_stops_counting_as_behind(
+    engine, things
+):
+    retired = Projection(name="retired", tables={"retired_rows": "id text"})
+
+    @retired.handles("ThingHappened")
+    async def keep(tx: ProjectionTx, event: RecordedEvent) -> None:
+        pass
+
+    await ensure_created(engine, [retired])
+    await add_thing(things)
+    async with asyncio.timeout(30):
+        while True:  # until the event is below the read horizon
+            if await things.read_all():
+                break
+            await asyncio.sleep(0.01)
+    [(behind,)] = [(lag.events,) for lag in await lags(engine, ["retired"])]
+
+    await retire_others(engine, [make_projection()])
+
+    [(after,)] = [(lag.events,) for lag in await lags(engine, ["retired"])]
+    assert (behind, after) == (1, 0)
 
 
 async def test_lag_check_fails_while_the_projectors_have_never_run(engine, things):
