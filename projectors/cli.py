@@ -3,6 +3,7 @@
     helix projections status
     helix projections rebuild users        (or --all)
     helix projections verify --all
+    helix projections retire old_name       (one removed from the code)
     helix events tail --category job --follow
     helix events stream user-<uuid> --json
     helix keys rewrap
@@ -37,7 +38,7 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.framework import Projection, ensure_created
+from projectors.framework import Projection, ensure_created, retire
 from projectors.projections import discover
 from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
 from shared import pii
@@ -248,6 +249,22 @@ def projections_rebuild(
                 )
 
     _run(work)
+
+
+@projections_app.command("retire")
+def projections_retire(
+    name: Annotated[str, typer.Argument(help="A projection removed from the code.")],
+) -> None:
+    """Stop counting a removed projection's lag (its tables are kept)."""
+    if name in {p.name for p in load_projections()}:
+        _fail(f"{name} is still in the code: remove it there first", 2)
+
+    async def work(engine: AsyncEngine) -> bool:
+        return await retire(engine, name)
+
+    if not _run(work):
+        _fail(f"no projection called {name!r} in the database", 2)
+    console.print(f"{name}: retired; its tables are kept until you drop them")
 
 
 @projections_app.command("verify")

@@ -507,24 +507,20 @@ async def ensure_created(
     return stale
 
 
-async def retire_others(engine: AsyncEngine, projections: Sequence[Projection]) -> None:
-    """Stop counting the lag of projections that are no longer in the code.
+async def retire(engine: AsyncEngine, name: str) -> bool:
+    """Stop counting the lag of projection `name`, no longer in the code.
 
-    Their tables stay (something may still read them) and their rows here too;
-    with no event types they are never behind, so `/health/` does not fail
-    forever on a projection nobody runs. Adding it back revives it.
+    Its tables and rows stay (something may still read them); with no event
+    types it is never behind, so `/health/` does not fail forever on a
+    projection nobody runs. False if there is no such projection.
     """
     async with transaction(engine) as connection:
         result = await connection.exec_driver_sql(
             "UPDATE projection_state SET event_types = '{}', updated_at = now()"
-            " WHERE NOT (name = ANY(%s)) AND event_types <> '{}' RETURNING name",
-            ([p.name for p in projections],),
+            " WHERE name = %s RETURNING name",
+            (name,),
         )
-        for (name,) in result.all():
-            log.warning(
-                "projection is no longer in the code; its tables are kept",
-                extra={"projection": name},
-            )
+        return result.first() is not None
 
 
 async def _create_projection(

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.consumer import ProjectionConsumer
 from projectors.dispatcher import run_dispatcher
-from projectors.framework import Projection, ensure_created, retire_others
+from projectors.framework import Projection, ensure_created
 from projectors.projections import discover
 from projectors.rebuild import rebuild
 from projectors.relay import Relay
@@ -38,7 +38,6 @@ async def run(
     Projections whose tables no longer match their definition are rebuilt (blue-
     green, the old tables serving meanwhile) before their consumer starts.
     """
-    every_projection = projections is None
     projections = discover() if projections is None else projections
     # Nothing here appends events: every write can be redone from the log.
     engine = create_engine(settings, durable=False)
@@ -46,8 +45,6 @@ async def run(
         stale = await _ensure_created(engine, projections, stopping)
         if stale is None:
             return
-        if every_projection:
-            await retire_others(engine, projections)
         store = EventStore(engine, registry)
 
         async def project(projection: Projection) -> None:

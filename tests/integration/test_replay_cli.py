@@ -115,6 +115,17 @@ def test_verify_of_a_stale_projection_says_to_rebuild_it(
     ]
 
 
+def test_only_a_projection_removed_from_the_code_can_be_retired(helix, database_url):
+    given(database_url)
+
+    in_code = helix.invoke(cli.app, ["projections", "retire", "things"])
+    unknown = helix.invoke(cli.app, ["projections", "retire", "nothing"])
+
+    assert in_code.exit_code == 2
+    assert "still in the code" in in_code.output
+    assert unknown.exit_code == 2
+
+
 def test_rebuild_of_an_unknown_projection_is_refused(helix, database_url):
     result = helix.invoke(cli.app, ["projections", "rebuild", "nothing"])
 
