@@ -7,6 +7,7 @@ milliseconds and must not hold the account's row lock meanwhile.
 """
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
@@ -148,10 +149,15 @@ async def update_user(
     changes: UserChanges,
     if_match: str | None,
     context: CommandContext,
+    current_password_ok: Callable[[], Awaitable[None]] | None = None,
 ) -> UserResult:
+    """Apply `changes`; `current_password_ok` is awaited once a current_password
+    needed for them was checked and found right."""
     _check_may_change(principal, user_id, changes)
     if principal.user_id == user_id and (changes.email or changes.password):
         await _check_current_password(store, hasher, user_id, changes)
+        if current_password_ok is not None:
+            await current_password_ok()
     new_hash = await hasher.hash(changes.password) if changes.password else None
 
     async with transaction(store.engine) as connection:
@@ -350,7 +356,11 @@ async def sign_in(
         locked = await lock_credentials(connection, user_id)
         if locked is None:
             raise SignInRefused("incorrect email or password")
-        ok = ok and locked.password_hash == credentials.password_hash
+        if ok and locked.password_hash != credentials.password_hash:
+            # Changed meanwhile: by a password change (the password verified is
+            # no longer the account's) or by another sign-in's rehash (it still
+            # is). Only the stored hash can tell.
+            ok, _ = await hasher.verify(password, locked.password_hash)
         if ok and locked.is_active:
             event: DomainEvent = UserSignedIn()
         else:

@@ -165,11 +165,11 @@ async def patch_user(
             changes=changes,
             if_match=if_match,
             context=context_of(request, principal.user_id),
+            # Cleared once the password is right, whatever the answer then.
+            current_password_ok=lambda: throttle.succeeded(throttle_key, ""),
         )
     except PreconditionFailed as exc:
         raise HTTPException(412, str(exc)) from None
-    if checks_password:
-        await throttle.succeeded(throttle_key, "")
     return answer_with(response, result)
 
 

@@ -179,6 +179,55 @@ async def test_a_sign_in_verified_against_a_password_changed_meanwhile_is_refuse
     assert [e.type for e in events][-2:] == ["UserPasswordChanged", "UserSignInFailed"]
 
 
+async def test_sign_ins_racing_one_another_through_a_rehash_all_succeed(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    email = unique_email()
+    user = await register(client, email)
+    older = await PasswordHasher({**TEST_ARGON2, "memory_cost": 512}).hash(PASSWORD)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(
+            "UPDATE user_credentials SET password_hash = %s WHERE user_id = %s",
+            (older, user["id"]),
+        )
+    right = {"username": email, "password": PASSWORD}
+
+    answers = await asyncio.gather(
+        *(client.post("/api/v1/token", data=right) for _ in range(4))
+    )
+
+    assert [a.status_code for a in answers] == [200] * 4
+
+
+async def test_a_right_current_password_is_no_guess_whatever_the_answer(
+    settings: Settings,
+) -> None:
+    app_settings = settings_with_own_superuser(settings, signin_max_failures=2)
+    email, taken = unique_email(), unique_email("taken")
+    async with gateway_client(app_settings) as client:
+        user = await register(client, email)
+        await register(client, taken)
+        token = await client.post(
+            "/api/v1/token", data={"username": email, "password": PASSWORD}
+        )
+        auth = bearer(token.json()["access_token"])
+        url = f"/api/v1/users/{user['id']}"
+        conflicts = [
+            await client.patch(
+                url, json={"email": taken, "current_password": PASSWORD}, headers=auth
+            )
+            for _ in range(3)
+        ]
+        changed = await client.patch(
+            url,
+            json={"password": "a new password", "current_password": PASSWORD},
+            headers=auth,
+        )
+
+    assert [c.status_code for c in conflicts] == [409] * 3
+    assert changed.status_code == 200
+
+
 async def test_guessing_the_current_password_is_throttled(settings: Settings) -> None:
     app_settings = settings_with_own_superuser(settings, signin_max_failures=2)
     email = unique_email()
