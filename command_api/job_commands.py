@@ -45,9 +45,13 @@ class Submission:
     timeout_s: float
 
     def digest(self) -> str:
-        # timeout_s as a float: 300 sent and the default 300.0 are one request.
+        # A whole number of seconds as an int: 300 sent, 300.0 sent and the
+        # default are one request (and hash as before strict types came in).
+        timeout: float = float(self.timeout_s)
+        if timeout.is_integer():
+            timeout = int(timeout)
         canonical = json.dumps(
-            [self.task, self.payload, self.max_retries, float(self.timeout_s)],
+            [self.task, self.payload, self.max_retries, timeout],
             sort_keys=True,
             separators=(",", ":"),
         )

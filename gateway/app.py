@@ -73,8 +73,16 @@ class Gateway:
                 allowed = self.allowed_methods(scope["path"])
                 if allowed and scope["method"] not in allowed:
                     replaced = True
+                    # Keep what the API's middleware set, the request id above all.
+                    kept = {
+                        name.decode("latin-1"): value.decode("latin-1")
+                        for name, value in message.get("headers", [])
+                        if name.lower() == b"x-request-id"
+                    }
                     refused = JSONResponse(
-                        {"detail": "Method Not Allowed"}, 405, headers=_allow(allowed)
+                        {"detail": "Method Not Allowed"},
+                        405,
+                        headers={**kept, **_allow(allowed)},
                     )
                     await refused(scope, _no_body, send)
                     return

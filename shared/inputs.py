@@ -8,6 +8,7 @@ null. Every request body derives from `RequestBody`, and every free-text query
 or form field is `StoredText`, so such input is a 422 that names where it was.
 """
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -49,9 +50,13 @@ Offset = Annotated[
 def problems(value: Any) -> Iterator[tuple[tuple[str | int, ...], str]]:
     """Where in a parsed JSON document a value cannot be stored, and why.
 
-    Walks with a stack of its own, not by recursion: a deeply nested body must
-    not end in a RecursionError.
+    Most documents have none, which the JSON encoder (C code) tells at once:
+    only then is the document walked, in Python, to say where. The walk keeps a
+    stack of its own, not recursion: a deeply nested body must not end in a
+    RecursionError.
     """
+    if _clean(value):
+        return
     pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
     while pending:
         path, item = pending.pop()
@@ -88,3 +93,15 @@ class RequestBody(BaseModel):
                 {"where": where, "problem": problem},
             )
         return data
+
+
+def _clean(value: Any) -> bool:
+    """Whether `value` is surely storable: no NaN or infinity (the encoder
+    refuses them), no lone surrogate (UTF-8 refuses it), no NUL (never written
+    as the escape JSON gives it)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return "\\u0000" not in text

@@ -290,11 +290,12 @@ async def test_a_weak_if_none_match_still_matches(
 async def test_a_method_a_path_does_not_take_is_405_naming_those_it_does(
     client: httpx.AsyncClient,
 ) -> None:
-    token = await client.get("/api/v1/token")
+    token = await client.get("/api/v1/token", headers={"X-Request-ID": "req-405"})
     options = await client.options("/api/v1/users/")
 
     assert token.status_code == 405
     assert token.headers["allow"] == "OPTIONS, POST"
+    assert token.headers["x-request-id"] == "req-405"
     assert options.status_code == 204
     assert options.headers["allow"] == "GET, HEAD, OPTIONS, POST"
 

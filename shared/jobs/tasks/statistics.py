@@ -20,40 +20,51 @@ class AggregatePayload(BaseModel):
     percentiles: list[Percentile] = Field(default=[50, 90, 99], max_length=101)
 
 
-# Past this size, squares (and at last sums and differences) overflow: the values
-# are then scaled down by a power of two, which is exact, for the sum, mean and
-# stdev, so that no step overflows where the answer itself fits in a double.
-SCALE_ABOVE = 2.0**500
-
-
 @job_task("aggregate")
 def aggregate(payload: AggregatePayload, context: JobContext) -> JobResult:
-    """count, sum, min, max, mean, sample stdev and linear-interpolated percentiles."""
+    """count, sum, min, max, mean, sample stdev and linear-interpolated percentiles.
+
+    Each figure is computed on the values as given; only where a step overflows
+    (a sum of values near the limit of a double, the square of a deviation
+    past 1e154) is it computed again on the values scaled down by a power of
+    two, which is exact, so no step overflows where the answer itself fits.
+    """
     values = np.asarray(payload.values, dtype=np.float64)
     count = len(values)
     low, high = float(values.min()), float(values.max())
-    largest = max(abs(low), abs(high))
-    exponent = math.frexp(largest)[1] if largest > SCALE_ABOVE else 0
-    scaled = np.ldexp(values, -exponent) if exponent else values
-    scaled_total = math.fsum(scaled.tolist() if exponent else payload.values)
-    scaled_mean = scaled_total / count
-    if count > 1:
-        deviations = float(np.sum(np.square(scaled - scaled_mean)))
-        stdev = _ldexp(math.sqrt(deviations / (count - 1)), exponent)
+    exponent = math.frexp(max(abs(low), abs(high)))[1]
+    scaled = np.ldexp(values, -exponent)
+    try:
+        total = math.fsum(payload.values)
+    except OverflowError:
+        total = math.inf
+    if math.isfinite(total):
+        mean = total / count
     else:
-        stdev = 0.0
-    # numpy's default method ("linear") interpolates between the closest ranks;
-    # only where a step between two ranks overflows is it done on scaled values.
+        scaled_total = math.fsum(scaled.tolist())
+        total = _ldexp(scaled_total, exponent)
+        mean = _ldexp(scaled_total / count, exponent)
+    stdev = 0.0
+    if count > 1:
+        with np.errstate(over="ignore", invalid="ignore"):
+            deviations = float(np.sum(np.square(values - mean)))
+        if math.isfinite(deviations):
+            stdev = math.sqrt(deviations / (count - 1))
+        else:
+            shifted = scaled - math.ldexp(mean, -exponent)
+            deviations = float(np.sum(np.square(shifted)))
+            stdev = _ldexp(math.sqrt(deviations / (count - 1)), exponent)
+    # numpy's default method ("linear") interpolates between the closest ranks.
     with np.errstate(over="ignore", invalid="ignore"):
         points = np.percentile(values, payload.percentiles or [])
     if not np.all(np.isfinite(points)):
         points = np.ldexp(np.percentile(scaled, payload.percentiles), exponent)
     return {
         "count": count,
-        "sum": _finite("sum", _ldexp(scaled_total, exponent)),
+        "sum": _finite("sum", total),
         "min": low,
         "max": high,
-        "mean": _ldexp(scaled_mean, exponent),
+        "mean": mean,
         "stdev": _finite("standard deviation", stdev),
         # Keys are the percentiles written as the client wrote them: 50 or 50.0.
         "percentiles": {
