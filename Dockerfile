@@ -30,4 +30,7 @@ USER helix:helix
 EXPOSE 8000
 
 # Both APIs behind one port; the Compose stack runs each process on its own instead.
-CMD ["uvicorn", "gateway.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--forwarded-allow-ips", "*", "--no-access-log"]
+# Run alone, the image trusts no X-Forwarded-For (a client could pick the address
+# sign-ins are throttled by); behind a proxy, add --proxy-headers and
+# --forwarded-allow-ips naming the proxy, as the Compose stack does for Traefik.
+CMD ["uvicorn", "gateway.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
