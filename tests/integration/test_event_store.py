@@ -471,35 +471,26 @@ async def test_an_append_the_server_refuses_fails_alone_in_its_batch(
         return params
 
     monkeypatch.setattr(things, "_encode", encode_with_a_nul)
-    streams = [new_stream() for _ in range(20)]
-
-    outcomes = await asyncio.gather(
-        *(
-            things.append(
-                stream,
-                [ThingHappened(name="ok")],
-                expected_version=NO_STREAM,
-                metadata=META,
-            )
-            for stream in streams[:10]
-        ),
+    appends = [
+        things.append(
+            stream,
+            [ThingHappened(name="ok")],
+            expected_version=NO_STREAM,
+            metadata=META,
+        )
+        for stream in [new_stream() for _ in range(20)]
+    ]
+    appends.insert(
+        10,
         things.append(
             refused,
             [ThingHappened(name="x")],
             expected_version=NO_STREAM,
             metadata=META,
         ),
-        *(
-            things.append(
-                stream,
-                [ThingHappened(name="ok")],
-                expected_version=NO_STREAM,
-                metadata=META,
-            )
-            for stream in streams[10:]
-        ),
-        return_exceptions=True,
     )
+
+    outcomes = await asyncio.gather(*appends, return_exceptions=True)
 
     failed = outcomes.pop(10)
     assert isinstance(failed, ValidationFailed)

@@ -22,6 +22,7 @@ from shared.db import connect, transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore, RecordedEvent
 from shared.jobs.messaging import DISPATCHER
 from shared.settings import Settings
+from tests.horizon import wait_until_readable
 from tests.sample_events import ThingHappened, sample_events
 from tests.sample_projection import ThingNoted, make_projection
 
@@ -196,27 +197,17 @@ async def test_a_projection_no_longer_in_the_code_stops_counting_as_behind(
         pass
 
     await ensure_created(engine, [retired])
-    await add_thing(things)
-    async with asyncio.timeout(30):
-        while True:  # until the event is below the read horizon
-            if await things.read_all():
-                break
-            await asyncio.sleep(0.01)
-    [(behind,)] = [(lag.events,) for lag in await lags(engine, ["retired"])]
+    await wait_until_readable(things, await add_thing(things))
+    [behind] = await lags(engine, ["retired"])
 
     assert await retire(engine, "retired")
 
-    [(after,)] = [(lag.events,) for lag in await lags(engine, ["retired"])]
-    assert (behind, after) == (1, 0)
+    [after] = await lags(engine, ["retired"])
+    assert (behind.events, after.events) == (1, 0)
 
 
 async def test_lag_check_fails_while_the_projectors_have_never_run(engine, things):
-    await add_thing(things)
-    async with asyncio.timeout(30):
-        while True:  # until the event is below the read horizon
-            if await things.read_all():
-                break
-            await asyncio.sleep(0.01)
+    await wait_until_readable(things, await add_thing(things))
     await asyncio.sleep(0.05)
 
     with pytest.raises(RuntimeError, match="relay is 1 events"):
