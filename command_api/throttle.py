@@ -16,7 +16,7 @@ import logging
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from shared.errors import Unavailable
+from shared.errors import HelixError, Unavailable
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,3 +60,29 @@ class SignInThrottle:
             log.warning(
                 "could not clear a sign-in failure count", extra={"error": repr(exc)}
             )
+
+
+class Throttled(HelixError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("too many wrong passwords; try again later")
+        self.retry_after_s = retry_after_s
+
+
+class PasswordCheckThrottle:
+    """The guesses at one account's password outside sign-in (`current_password`),
+    counted per account from whichever address: a stolen token must not buy
+    unlimited guesses."""
+
+    def __init__(self, throttle: SignInThrottle, user_id: object) -> None:
+        self.throttle = throttle
+        self.key = f"current-password:{user_id}"
+
+    async def attempt(self) -> None:
+        """Count a guess about to be checked; raise Throttled past the limit."""
+        retry_after_s = await self.throttle.attempt(self.key, "")
+        if retry_after_s is not None:
+            raise Throttled(retry_after_s)
+
+    async def passed(self) -> None:
+        """The password was right: what came before were no guesses."""
+        await self.throttle.succeeded(self.key, "")

@@ -7,7 +7,6 @@ milliseconds and must not hold the account's row lock meanwhile.
 """
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
@@ -24,6 +23,7 @@ from command_api.accounts import (
     transaction_time,
     update_credentials,
 )
+from command_api.throttle import PasswordCheckThrottle
 from shared import pii
 from shared.auth import PasswordHasher, Principal
 from shared.db import connect, transaction
@@ -149,15 +149,13 @@ async def update_user(
     changes: UserChanges,
     if_match: str | None,
     context: CommandContext,
-    current_password_ok: Callable[[], Awaitable[None]] | None = None,
+    password_checks: PasswordCheckThrottle | None = None,
 ) -> UserResult:
-    """Apply `changes`; `current_password_ok` is awaited once a current_password
-    needed for them was checked and found right."""
+    """Apply `changes`; a current_password they need counts as a guess in
+    `password_checks` until it is found right."""
     _check_may_change(principal, user_id, changes)
     if principal.user_id == user_id and (changes.email or changes.password):
-        await _check_current_password(store, hasher, user_id, changes)
-        if current_password_ok is not None:
-            await current_password_ok()
+        await _check_current_password(store, hasher, user_id, changes, password_checks)
     new_hash = await hasher.hash(changes.password) if changes.password else None
 
     async with transaction(store.engine) as connection:
@@ -258,7 +256,11 @@ def _check_may_change(
 
 
 async def _check_current_password(
-    store: EventStore, hasher: PasswordHasher, user_id: UUID, changes: UserChanges
+    store: EventStore,
+    hasher: PasswordHasher,
+    user_id: UUID,
+    changes: UserChanges,
+    checks: PasswordCheckThrottle | None,
 ) -> None:
     """Changing your own email or password needs the password you have now."""
     if changes.current_password is None:
@@ -274,7 +276,11 @@ async def _check_current_password(
         stored = result.scalar_one_or_none()
     if stored is None:
         raise NotFound("user not found")
+    if checks is not None:
+        await checks.attempt()
     ok, _ = await hasher.verify(changes.current_password, stored)
+    if ok and checks is not None:
+        await checks.passed()
     if not ok:
         log.warning("wrong current_password", extra={"user_id": str(user_id)})
         raise PermissionDenied("current_password is wrong")

@@ -14,7 +14,7 @@ from command_api.dependencies import (
     Redis,
     Store,
 )
-from command_api.throttle import SignInThrottle
+from command_api.throttle import PasswordCheckThrottle, SignInThrottle, Throttled
 from command_api.user_commands import (
     CommandContext,
     UserChanges,
@@ -132,21 +132,6 @@ async def patch_user(
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
     """Update a user (self or superuser); send If-Match to refuse lost updates."""
-    # Guessing current_password with a stolen token is throttled like sign-ins,
-    # per account (from whichever address).
-    throttle = SignInThrottle(redis, settings)
-    throttle_key = f"current-password:{user_id}"
-    checks_password = principal.user_id == user_id and (
-        body.email is not None or body.password is not None
-    )
-    if checks_password and body.current_password is not None:
-        retry_after = await throttle.attempt(throttle_key, "")
-        if retry_after is not None:
-            raise HTTPException(
-                429,
-                "too many wrong current passwords; try again later",
-                headers={"Retry-After": str(retry_after)},
-            )
     changes = UserChanges(
         email=body.email,
         full_name=body.full_name,
@@ -165,11 +150,16 @@ async def patch_user(
             changes=changes,
             if_match=if_match,
             context=context_of(request, principal.user_id),
-            # Cleared once the password is right, whatever the answer then.
-            current_password_ok=lambda: throttle.succeeded(throttle_key, ""),
+            password_checks=PasswordCheckThrottle(
+                SignInThrottle(redis, settings), user_id
+            ),
         )
     except PreconditionFailed as exc:
         raise HTTPException(412, str(exc)) from None
+    except Throttled as exc:
+        raise HTTPException(
+            429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from None
     return answer_with(response, result)
 
 

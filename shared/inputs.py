@@ -95,13 +95,19 @@ class RequestBody(BaseModel):
         return data
 
 
-def _clean(value: Any) -> bool:
-    """Whether `value` is surely storable: no NaN or infinity (the encoder
-    refuses them), no lone surrogate (UTF-8 refuses it), no NUL (never written
-    as the escape JSON gives it)."""
+def json_text(value: Any) -> str | None:
+    """`value` as JSON text that encodes to UTF-8, or None if it has none (NaN,
+    infinity, a lone surrogate, something that is not JSON at all)."""
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         text.encode("utf-8")
     except (ValueError, TypeError, RecursionError):
-        return False
-    return "\\u0000" not in text
+        return None
+    return text
+
+
+def _clean(value: Any) -> bool:
+    """Whether `value` is surely storable: JSON text exists for it, and holds no
+    NUL (never written as the escape JSON gives it)."""
+    text = json_text(value)
+    return text is not None and "\\u0000" not in text

@@ -1,7 +1,6 @@
 """HTTP plumbing both APIs share: request ids, body limits, errors, health."""
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -19,7 +18,7 @@ from shared import errors, pii
 from shared.db import create_engine, is_unavailable
 from shared.event_store import EventStore
 from shared.health import Check, run_checks
-from shared.inputs import text_problem
+from shared.inputs import json_text
 from shared.logging import bind, log_context
 from shared.settings import Settings
 
@@ -171,7 +170,7 @@ def client_errors(found: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     Never the value that was sent (`input`): it may be a password, or something
     JSON cannot carry (NaN, a lone surrogate), which would turn a 422 into a 500.
-    Anything else an error holds is kept only if it is plain JSON.
+    Anything else an error holds is kept only if it has JSON text.
     """
     shown = []
     for error in found:
@@ -187,10 +186,10 @@ def client_errors(found: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             if key in item or key in ("input", "url"):
                 continue
             if key == "ctx" and isinstance(value, Mapping):
-                value = {k: v for k, v in value.items() if _plain(v)}
+                value = {k: v for k, v in value.items() if json_text(v) is not None}
                 if not value:
                     continue
-            if _plain(value):
+            if json_text(value) is not None:
                 item[key] = value
         shown.append(item)
     return shown
@@ -198,21 +197,6 @@ def client_errors(found: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _text(value: object) -> str:
     return str(value).encode("utf-8", "replace").decode("utf-8")
-
-
-def _plain(value: object) -> bool:
-    """Whether `value` is JSON as it stands (no NaN, no lone surrogates)."""
-    if value is None or isinstance(value, bool | int):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, str):
-        return text_problem(value) is None
-    if isinstance(value, list | tuple):
-        return all(_plain(item) for item in value)
-    if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
 
 
 def validation_error(loc: Sequence[str | int], message: str) -> HTTPException:
