@@ -16,7 +16,7 @@ import logging
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from shared.errors import HelixError, Unavailable
+from shared.errors import Throttled, Unavailable
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,6 @@ class SignInThrottle:
             )
 
 
-class Throttled(HelixError):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__("too many wrong passwords; try again later")
-        self.retry_after_s = retry_after_s
-
-
 class PasswordCheckThrottle:
     """The guesses at one account's password outside sign-in (`current_password`),
     counted per account from whichever address: a stolen token must not buy
@@ -81,7 +75,7 @@ class PasswordCheckThrottle:
         """Count a guess about to be checked; raise Throttled past the limit."""
         retry_after_s = await self.throttle.attempt(self.key, "")
         if retry_after_s is not None:
-            raise Throttled(retry_after_s)
+            raise Throttled("too many wrong passwords; try again later", retry_after_s)
 
     async def passed(self) -> None:
         """The password was right: what came before were no guesses."""

@@ -14,7 +14,7 @@ from command_api.dependencies import (
     Redis,
     Store,
 )
-from command_api.throttle import PasswordCheckThrottle, SignInThrottle, Throttled
+from command_api.throttle import PasswordCheckThrottle, SignInThrottle
 from command_api.user_commands import (
     CommandContext,
     UserChanges,
@@ -23,7 +23,7 @@ from command_api.user_commands import (
     register_user,
     update_user,
 )
-from shared.errors import PermissionDenied, PreconditionFailed
+from shared.errors import PermissionDenied, PreconditionFailed, Throttled
 from shared.inputs import RequestBody
 from shared.responses import ETAG, LOCATION, POSITION, documented
 from shared.users import UserOut, etag

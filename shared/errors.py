@@ -10,6 +10,7 @@
     │   ├── WrongExpectedVersion  optimistic concurrency on one stream
     │   ├── DuplicateEventId      an event id reused for different content
     │   └── PreconditionFailed    If-Match named a representation that changed
+    ├── Throttled                 too many failed attempts; `retry_after_s` says when
     ├── Unavailable               a dependency is down; retrying later may work
     │   └── StoreUnavailable      PostgreSQL could not be reached
     └── Misconfigured             the settings cannot serve this; an operator must
@@ -72,6 +73,12 @@ class DuplicateEventId(Conflict):
 
 class PreconditionFailed(Conflict):
     pass
+
+
+class Throttled(HelixError):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(HelixError):
