@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 
 from query_api import history_routes, job_routes, user_routes
 from query_api.job_waits import JobWaits
-from shared.checkpoints import horizon_holder, lag_check, lags
+from shared.checkpoints import horizon_holder, lag_check, lags, replay_lag
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.jobs.messaging import worker_check
 from shared.logging import configure_logging
@@ -15,6 +15,7 @@ from shared.metrics import (
     CONSUMER_LAG_EVENTS,
     CONSUMER_LAG_SECONDS,
     READ_HORIZON_SECONDS,
+    STANDBY_REPLAY_LAG_SECONDS,
     MetricsMiddleware,
     add_metrics_route,
 )
@@ -63,6 +64,7 @@ async def _refresh_lag(request: Request) -> None:
         CONSUMER_LAG_SECONDS.labels(lag.name).set(lag.seconds)
     holder = await horizon_holder(engine)
     READ_HORIZON_SECONDS.set(holder.open_s if holder else 0.0)
+    STANDBY_REPLAY_LAG_SECONDS.set(await replay_lag(engine) or 0.0)
 
 
 def _checks(request: Request) -> dict[str, Check]:

@@ -28,8 +28,6 @@ JobsFresh = Annotated[None, Depends(consistent_read("jobs"))]
 
 MAX_PAGE = 500
 MAX_WAIT_S = 30.0
-# Waiters look again this often even without a wake-up (see job_waits).
-RECHECK_S = 1.0
 _COLUMNS = (
     "id, task, status, result_data, message, progress, attempts, owner_id,"
     " submitted_at, started_at, finished_at"
@@ -73,7 +71,8 @@ async def read_job(
     else:
         # Watch, and clear the wake-up, before each look: a change that lands
         # between the look and the wait still wakes us.
-        with _waits(request).watch(job_id) as woken:
+        waits = _waits(request)
+        with waits.watch(job_id) as woken:
             while True:
                 woken.clear()
                 row = await _read_job(engine, job_id)
@@ -82,7 +81,9 @@ async def read_job(
                 if done or remaining <= 0 or (row and not _visible(row, principal)):
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_S))
+                    await asyncio.wait_for(
+                        woken.wait(), min(remaining, waits.recheck_s)
+                    )
     if not _visible(row, principal):
         raise NotFound("job not found")
 

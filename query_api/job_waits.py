@@ -3,7 +3,8 @@
 The jobs projection sends NOTIFY on `helix_jobs` with the job id whenever a job's
 status changes. One connection per process listens, and wakes the requests
 waiting on that job. A notification is only a hint (it is lost while the
-listening connection is down), so waiters also look again every second.
+listening connection is down), so waiters also look again every second. On a hot
+standby, which sends no notifications, they look again every 100 ms instead.
 """
 
 import asyncio
@@ -14,13 +15,22 @@ from uuid import UUID
 
 from shared.log_listener import JOBS_CHANNEL, NotificationListener
 
+# How often a waiter looks again without a wake-up.
+RECHECK_S = 1.0
+STANDBY_RECHECK_S = 0.1
+
 
 class JobWaits(NotificationListener):
     channel = JOBS_CHANNEL
 
-    def __init__(self, dsn: str, *, reconnect_delay_s: float = 1.0) -> None:
-        super().__init__(dsn, reconnect_delay_s=reconnect_delay_s)
+    def __init__(self, dsn: str, **delays_s: float) -> None:
+        super().__init__(dsn, **delays_s)
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+
+    @property
+    def recheck_s(self) -> float:
+        """How long a waiter may go without looking again."""
+        return STANDBY_RECHECK_S if self.on_standby else RECHECK_S
 
     @contextlib.contextmanager
     def watch(self, job_id: UUID) -> Iterator[asyncio.Event]:

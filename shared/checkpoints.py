@@ -150,15 +150,22 @@ WHERE c.name = ANY(%(names)s)
 """
 
 _LOCATE = "SELECT transaction_id::text::bigint FROM events WHERE position = %s"
+# NULL on a hot standby: what it has replayed of the sequence says nothing of what
+# its primary has handed out since.
 _LAST_ISSUED = (
-    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_position_seq"
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL"
+    " WHEN is_called THEN last_value ELSE 0 END FROM events_position_seq"
 )
 
 
 async def _refuse_unissued(connection: AsyncConnection, position: int) -> None:
-    """A position the log has not handed out yet is no write's: no wait reaches it."""
+    """A position the log has not handed out yet is no write's: no wait reaches it.
+
+    A hot standby cannot tell such a position from one it has yet to replay, so
+    there the wait just ends unprocessed.
+    """
     last = (await connection.exec_driver_sql(_LAST_ISSUED)).scalar_one()
-    if position > last:
+    if last is not None and position > last:
         raise ValidationFailed(f"position {position} is past the end of the log")
 
 
@@ -250,11 +257,37 @@ async def horizon_holder(engine: AsyncEngine) -> HorizonHolder | None:
     return HorizonHolder(*row) if row else None
 
 
+# Seconds behind its primary, from the commit time of the last transaction
+# replayed; 0 once it has replayed all it received; NULL on a primary.
+_REPLAY_LAG = """
+SELECT CASE
+    WHEN NOT pg_is_in_recovery() THEN NULL
+    WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+    ELSE coalesce(
+        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
+        'infinity'
+    )
+END
+"""
+
+
+async def replay_lag(engine: AsyncEngine) -> float | None:
+    """How far a hot standby's data trails its primary, in seconds; None on a primary.
+
+    The lag of the consumers says nothing of it: on a standby, the log and the
+    checkpoints trail together.
+    """
+    async with connect(engine) as connection:
+        lag = (await connection.exec_driver_sql(_REPLAY_LAG)).scalar_one()
+    return None if lag is None else max(0.0, float(lag))
+
+
 def lag_check(
     engine: AsyncEngine, max_lag_s: float = 300.0
 ) -> Callable[[], Awaitable[None]]:
     """A `/health/` check: fails when the relay or a projection is far behind,
-    or when a transaction open that long holds the log's read horizon.
+    when a transaction open that long holds the log's read horizon, or when the
+    database is a hot standby that far behind its primary.
 
     The bound is generous on purpose: a lagging projection answers reads with
     older data (and read-your-writes with 503s), which is worth an alert, but
@@ -272,6 +305,11 @@ def lag_check(
         holder = await horizon_holder(engine)
         if holder is not None and holder.open_s > max_lag_s:
             problems.append(holder.describe())
+        standby_lag = await replay_lag(engine)
+        if standby_lag is not None and standby_lag > max_lag_s:
+            problems.append(
+                f"this hot standby is {standby_lag:.0f} s behind its primary"
+            )
         if problems:
             raise RuntimeError("; ".join(problems))
 

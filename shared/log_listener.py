@@ -7,7 +7,10 @@ horizon. Readers wait for a wake-up *or* a poll interval, whichever comes first,
 they never depend on it.
 
 `NotificationListener` is the reconnecting LISTEN loop under `LogListener`, and
-under the query API's wake-ups for jobs (on `JOBS_CHANNEL`).
+under the query API's wake-ups for jobs (on `JOBS_CHANNEL`). A hot standby takes no
+LISTEN (notifications exist only on the primary): on one, the listener says so once,
+`on_standby` turns true so that waiters poll more often, and it tries again now and
+then, in case the standby was promoted.
 """
 
 import asyncio
@@ -58,10 +61,19 @@ class NotificationListener:
 
     channel: str
 
-    def __init__(self, dsn: str, *, reconnect_delay_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        reconnect_delay_s: float = 1.0,
+        standby_retry_s: float = 30.0,
+    ) -> None:
         self._dsn = dsn
         self._reconnect_delay_s = reconnect_delay_s
+        self._standby_retry_s = standby_retry_s
         self._task: asyncio.Task[None] | None = None
+        # True while the database is a hot standby, which sends no notifications.
+        self.on_standby = False
 
     def _listen_in_background(self) -> None:
         if self._task is None:
@@ -90,9 +102,21 @@ class NotificationListener:
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {self.channel}")
+                    if self.on_standby:
+                        log.info("listening: the database was promoted")
+                        self.on_standby = False
                     self._connected()
                     async for notification in connection.notifies():
                         self._notified(notification.payload)
+            except psycopg.errors.ReadOnlySqlTransaction:
+                if not self.on_standby:
+                    log.info(
+                        "the database is a hot standby, which sends no"
+                        " notifications: waiters poll instead",
+                        extra={"channel": self.channel},
+                    )
+                    self.on_standby = True
+                await asyncio.sleep(self._standby_retry_s)
             except psycopg.Error as exc:
                 log.warning(
                     "listener disconnected, retrying",

@@ -42,6 +42,11 @@ READ_HORIZON_SECONDS = Gauge(
     "How long the oldest writing transaction on the PostgreSQL server has been"
     " open: consumers of the log see nothing committed after it began.",
 )
+STANDBY_REPLAY_LAG_SECONDS = Gauge(
+    "helix_standby_replay_lag_seconds",
+    "How far the hot standby this process reads trails its primary (0 on a"
+    " primary): reads, and the lag figures above, are that much older.",
+)
 
 REFRESH_FAILED = Gauge(
     "helix_metrics_refresh_failed",

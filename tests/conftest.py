@@ -7,12 +7,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projectors.framework import ensure_created
 from projectors.projections.users import projection as users_projection
+from shared.database_setup import migrate
 from shared.db import create_engine
 from shared.event_store import EventStore
 from shared.settings import Settings
 from tests import databases
 from tests.broker import delete_test_objects
 from tests.stack import SUFFIXES, settings_for
+from tests.standby import Pair, hot_standby_pair
 from tests.user_api import gateway_client, settings_with_own_superuser
 
 
@@ -28,6 +30,14 @@ def database_template() -> Iterator[str]:
     name = databases.create_template()
     yield name
     databases.drop(name)
+
+
+@pytest.fixture(scope="module")
+def standby_pair() -> Iterator[Pair]:
+    """A migrated primary and a hot standby of it, for the tests of one module."""
+    with hot_standby_pair() as pair:
+        migrate(pair.primary_url)
+        yield pair
 
 
 @pytest.fixture
