@@ -14,7 +14,7 @@ from query_api.consistency import consistent_read
 from query_api.dependencies import CurrentUser, Engine
 from query_api.job_waits import JobWaits
 from shared.auth import Principal
-from shared.db import connect, fetch
+from shared.db import fetch, snapshot
 from shared.errors import NotFound
 from shared.inputs import Offset
 from shared.jobs.state import TERMINAL_STATUSES, JobStatus
@@ -39,18 +39,22 @@ def _waits(request: Request) -> JobWaits:
     return waits
 
 
-async def _read_job(engine: AsyncEngine, job_id: UUID) -> dict[str, Any] | None:
+async def _read_job(
+    engine: AsyncEngine, job_id: UUID, principal: Principal
+) -> dict[str, Any] | None:
+    """The job, or None if there is none that `principal` may see.
+
+    Another user's job is None like a missing one, for a wait as well: waiting
+    it out like a missing job tells no one that it exists.
+    """
     rows = await fetch(
         engine,
         f"SELECT {_COLUMNS} FROM job_statuses WHERE id = %(id)s",
         {"id": job_id},
         row_factory=dict_row,
     )
-    return rows[0] if rows else None
-
-
-def _visible(row: dict[str, Any] | None, principal: Principal) -> bool:
-    return row is not None and principal.may_act_on(row["owner_id"])
+    row: dict[str, Any] | None = rows[0] if rows else None
+    return row if row and principal.may_act_on(row["owner_id"]) else None
 
 
 @router.get(
@@ -67,7 +71,7 @@ async def read_job(
     """A job (owner or superuser); `wait=S` answers once it finishes, or after S s."""
     deadline = time.monotonic() + wait
     if not wait:
-        row = await _read_job(engine, job_id)
+        row = await _read_job(engine, job_id, principal)
     else:
         # Watch, and clear the wake-up, before each look: a change that lands
         # between the look and the wait still wakes us.
@@ -75,16 +79,16 @@ async def read_job(
         with waits.watch(job_id) as woken:
             while True:
                 woken.clear()
-                row = await _read_job(engine, job_id)
+                row = await _read_job(engine, job_id, principal)
                 remaining = deadline - time.monotonic()
                 done = row is not None and row["status"] in TERMINAL_STATUSES
-                if done or remaining <= 0 or (row and not _visible(row, principal)):
+                if done or remaining <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         woken.wait(), min(remaining, waits.recheck_s)
                     )
-    if not _visible(row, principal):
+    if row is None:
         raise NotFound("job not found")
 
     return row
@@ -114,7 +118,7 @@ async def list_jobs(
         filters.append("status = %(status)s")
         params["status"] = status
     where = f"WHERE {' AND '.join(filters)}" if filters else ""
-    async with connect(engine) as connection:
+    async with snapshot(engine) as connection:
         total = await connection.exec_driver_sql(
             f"SELECT count(*) FROM job_statuses {where}", params
         )

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from query_api.dependencies import CurrentUser, Engine, Superuser, UsersFresh
 from shared import pii
-from shared.db import connect
+from shared.db import connect, snapshot
 from shared.errors import NotFound
 from shared.inputs import Offset
 from shared.responses import ETAG, documented
@@ -84,7 +84,7 @@ async def list_users(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> UserPage:
     """Active users, oldest first (superuser)."""
-    async with connect(engine) as connection:
+    async with snapshot(engine) as connection:
         total = await connection.exec_driver_sql(
             "SELECT count(*) FROM user_profiles WHERE is_active"
         )

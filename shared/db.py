@@ -118,6 +118,17 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 
 
 @asynccontextmanager
+async def snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A read-only transaction whose statements all see the same moment: a page
+    and its total, say, which two statements of their own could see apart."""
+    async with transaction(engine) as connection:
+        await connection.exec_driver_sql(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+        )
+        yield connection
+
+
+@asynccontextmanager
 async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection outside any explicit transaction (for reads)."""
     try:

@@ -1,6 +1,7 @@
 """Job reads over HTTP: the jobs projection, applied in the test, no worker process."""
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -125,6 +126,27 @@ async def test_another_users_job_is_404_and_a_superuser_sees_it(
     assert missing.status_code == 404
 
 
+async def test_waiting_on_another_users_job_tells_nothing_of_it(client, engine, store):
+    owner, _ = await new_user(client)
+    other, _ = await new_user(client)
+    job = await submit(client, owner)
+    await project(engine, store)
+
+    async def waited(job_id: object) -> tuple[int, float]:
+        started = time.monotonic()
+        response = await client.get(
+            f"/api/v1/jobs/{job_id}", params={"wait": 1}, headers=other
+        )
+        return response.status_code, time.monotonic() - started
+
+    # Both 404 only once the wait is over: a quick 404 would tell that the
+    # job exists and belongs to someone else.
+    for job_id in (job["id"], uuid.uuid4()):
+        status, took_s = await waited(job_id)
+        assert status == 404
+        assert took_s >= 0.95
+
+
 async def test_wait_answers_as_soon_as_the_job_finishes(client, engine, store, runner):
     auth, _ = await new_user(client)
     job = await submit(client, auth, "sleep", {"seconds": 0.3})
@@ -239,3 +261,38 @@ async def test_a_stream_id_is_the_job_id(store, client):
     events = await store.read_stream(job_stream(uuid.UUID(job["id"])))
 
     assert events[0].stream_id == f"job-{job['id']}"
+
+
+async def test_a_page_and_its_total_are_read_at_one_moment(client, engine):
+    auth, user_id = await new_user(client)
+    inserting = True
+
+    async def insert_jobs() -> None:
+        # Rows straight into the read table, as fast as it takes them.
+        async with engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            while inserting:
+                await connection.exec_driver_sql(
+                    "INSERT INTO job_statuses (id, owner_id, task, status,"
+                    " max_retries, timeout_s, submitted_at, version, updated_at)"
+                    " VALUES (gen_random_uuid(), %s, 'echo', 'PENDING', 3, 300,"
+                    " now(), 1, now())",
+                    (user_id,),
+                )
+                await asyncio.sleep(0)
+
+    writer = asyncio.create_task(insert_jobs())
+    try:
+        mismatched = 0
+        for _ in range(100):
+            response = await client.get(
+                "/api/v1/jobs/", params={"limit": 500}, headers=auth
+            )
+            page = response.json()
+            if page["total"] <= 500 and len(page["items"]) != page["total"]:
+                mismatched += 1
+        assert page["total"] > 0
+    finally:
+        inserting = False
+        await writer
+    assert mismatched == 0
