@@ -7,6 +7,9 @@ processed that position; past the bound it gets 503 with Retry-After, so a clien
 never reads a table that does not yet show its own write:
 
     @router.get("/users/{user_id}", dependencies=[Depends(consistent_read("users"))])
+
+Naming no projection waits for the log itself: for routes that read `events`
+below the read horizon, as the audit does.
 """
 
 import logging
@@ -27,9 +30,8 @@ RETRY_AFTER_S = 1
 
 
 def consistent_read(*projections: str) -> Callable[..., Awaitable[None]]:
-    """A dependency that waits for `projections` to reach the request's position."""
-    if not projections:
-        raise ValueError("name at least one projection")
+    """A dependency that waits for `projections` (none: the log's readers) to
+    reach the request's position."""
 
     async def wait_for_projections(
         request: Request,

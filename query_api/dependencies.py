@@ -33,3 +33,5 @@ CurrentUser = Annotated[Principal, Depends(_current_user)]
 Superuser = Annotated[Principal, Depends(_superuser)]
 # Read-your-writes on the users projection: waits for a sent Helix-Position.
 UsersFresh = Annotated[None, Depends(consistent_read("users"))]
+# Read-your-writes on the log itself (the histories and the audit).
+LogFresh = Annotated[None, Depends(consistent_read())]

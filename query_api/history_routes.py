@@ -1,9 +1,11 @@
 """History of one user or job, and the audit trail: the log itself, read back.
 
-These read the `events` table, not a projection, so they are never behind. Pages
-are cursored by the global position of the last item (`after` / `next_after`).
-Personal data inside user events is decrypted with the user's key, or shown as
-erased.
+These read the `events` table, not a projection. A stream's history shows a
+command's events as soon as they commit; the audit, read below the log's read
+horizon, may trail for a moment, and a `Helix-Position` sent with either waits
+for it. Pages are cursored by the global position of the last item (`after` /
+`next_after`). Personal data inside user events is decrypted with the user's key,
+or shown as erased.
 
 One stream's history is ordered by position. The audit is ordered as the log is
 read, by (transaction_id, position): positions commit out of order, and a client
@@ -19,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from query_api.dependencies import CurrentUser, Engine, Superuser
+from query_api.dependencies import CurrentUser, Engine, LogFresh, Superuser
 from shared import pii
 from shared.db import connect
 from shared.errors import UnknownEventType
@@ -135,17 +137,26 @@ async def user_history(
     user_id: UUID,
     engine: Engine,
     principal: CurrentUser,
+    fresh: LogFresh,
     after: After = 0,
     limit: Limit = DEFAULT_PAGE,
 ) -> HistoryPage:
     """Every event of one user's stream (self or superuser)."""
     if not principal.may_act_on(user_id):
         raise HTTPException(404, "user not found")
+    stream_id = user_stream(user_id)
     async with connect(engine) as connection:
-        page = await _stream_page(connection, user_stream(user_id), after, limit)
-    if not page.items and after == 0:
-        raise HTTPException(404, "user not found")
+        page = await _stream_page(connection, stream_id, after, limit)
+        if not page.items and not await _stream_exists(connection, stream_id):
+            raise HTTPException(404, "user not found")
     return page
+
+
+async def _stream_exists(connection: AsyncConnection, stream_id: str) -> bool:
+    result = await connection.exec_driver_sql(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = %s)", (stream_id,)
+    )
+    return bool(result.scalar_one())
 
 
 @router.get(
@@ -157,6 +168,7 @@ async def job_history(
     job_id: UUID,
     engine: Engine,
     principal: CurrentUser,
+    fresh: LogFresh,
     after: After = 0,
     limit: Limit = DEFAULT_PAGE,
 ) -> HistoryPage:
@@ -183,6 +195,7 @@ async def job_history(
 async def audit(
     engine: Engine,
     principal: Superuser,
+    fresh: LogFresh,
     stream: Annotated[StoredText | None, Query(max_length=200)] = None,
     category: Annotated[StoredText | None, Query(max_length=50)] = None,
     event_types: Annotated[list[StoredText] | None, Query(alias="type")] = None,

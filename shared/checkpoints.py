@@ -169,10 +169,22 @@ async def _refuse_unissued(connection: AsyncConnection, position: int) -> None:
         raise ValidationFailed(f"position {position} is past the end of the log")
 
 
+_BELOW_HORIZON = "SELECT %(xid)s::text::xid8 < pg_snapshot_xmin(pg_current_snapshot())"
+
+
 async def processed(
     connection: AsyncConnection, names: Sequence[str], position: LogPosition
 ) -> bool:
-    """Whether every projection in `names` reflects all events up to `position`."""
+    """Whether every projection in `names` reflects all events up to `position`.
+
+    With no names, whether readers of the log itself (the audit) see the event
+    at `position`: once it is below the read horizon.
+    """
+    if not names:
+        below = await connection.exec_driver_sql(
+            _BELOW_HORIZON, {"xid": str(position.transaction_id)}
+        )
+        return bool(below.scalar_one())
     params = {
         "names": list(names),
         "xid": str(position.transaction_id),
@@ -191,7 +203,8 @@ async def wait_until_processed(
     poll_s: float = 0.01,
     max_poll_s: float = 0.1,
 ) -> bool:
-    """Wait until the projections `names` have processed global `position`.
+    """Wait until the projections `names` (none: the log's readers) have
+    processed global `position`.
 
     Returns False if they have not within `timeout_s`. A position not in the log
     (yet: a replica may lag its primary) counts as not processed; one the log had

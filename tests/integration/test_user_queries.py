@@ -364,3 +364,57 @@ async def test_a_rebuild_reproduces_the_live_users_table_row_for_row(
     # Live, the events went in one batch; rebuilt, in one batch, then one by one.
     assert await verify(engine, users_projection, store=store) == []
     assert await verify(engine, users_projection, store=store, batch_size=1) == []
+
+
+async def test_the_audit_with_a_helix_position_shows_that_write(
+    client: httpx.AsyncClient, people: People, engine: AsyncEngine
+) -> None:
+    admin = people.headers("superuser")
+    a = people.a["id"]
+    # An older transaction still open keeps the next write below the audit's
+    # read horizon until it ends.
+    async with engine.connect() as holder:
+        await holder.exec_driver_sql("SELECT pg_current_xact_id()")
+        patched = await client.patch(
+            f"/api/v1/users/{a}",
+            json={"full_name": "Seen"},
+            headers=people.headers("user A"),
+        )
+        assert patched.status_code == 200
+        position = {"Helix-Position": patched.headers["Helix-Position"]}
+        reading = asyncio.create_task(
+            client.get(
+                f"/api/v1/audit?stream=user-{a}&type=UserProfileUpdated",
+                headers={**admin, **position},
+            )
+        )
+        await asyncio.sleep(0.3)
+        assert not reading.done()
+        await holder.rollback()
+    audit = await reading
+
+    assert audit.status_code == 200, audit.text
+    assert [item["data"] for item in audit.json()["items"]] == [{"full_name": "Seen"}]
+
+
+@pytest.mark.parametrize("route", ["audit", "users/{a}/history", "jobs/{j}/history"])
+async def test_the_log_routes_refuse_a_position_that_is_no_position(
+    client: httpx.AsyncClient, people: People, route: str
+) -> None:
+    url = "/api/v1/" + route.format(a=people.a["id"], j=uuid.uuid4())
+    response = await client.get(
+        url, headers={**people.headers("superuser"), "Helix-Position": "abc"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["header", "Helix-Position"]
+
+
+async def test_the_history_of_no_user_is_404_on_every_page(
+    client: httpx.AsyncClient, people: People
+) -> None:
+    url = f"/api/v1/users/{uuid.uuid4()}/history"
+    for after in (0, 1, 10**6):
+        response = await client.get(
+            url, params={"after": after}, headers=people.headers("superuser")
+        )
+        assert response.status_code == 404, (after, response.text)
