@@ -19,6 +19,11 @@ from pydantic_core import PydanticCustomError
 
 # PostgreSQL's bigint: offsets and log positions beyond it cannot be compared.
 MAX_BIGINT = 2**63 - 1
+# How deep a request body may nest objects and arrays, the body itself being
+# level 1. Deeper documents cannot all be validated and stored (pydantic stops
+# near 200 levels, Python's JSON parser near 1,000).
+MAX_DEPTH = 64
+_DEEPER = f"nests objects and arrays deeper than {MAX_DEPTH} levels"
 
 
 def text_problem(text: str) -> str | None:
@@ -48,19 +53,24 @@ Offset = Annotated[
 
 
 def problems(value: Any) -> Iterator[tuple[tuple[str | int, ...], str]]:
-    """Where in a parsed JSON document a value cannot be stored, and why.
+    """Where in a parsed JSON document a value cannot be stored, and why; and
+    whether it nests deeper than MAX_DEPTH.
 
     Most documents have none, which the JSON encoder (C code) tells at once:
     only then is the document walked, in Python, to say where. The walk keeps a
     stack of its own, not recursion: a deeply nested body must not end in a
     RecursionError.
     """
-    if _clean(value):
+    text = json_text(value)
+    if text is not None and "\\u0000" not in text:
+        yield from _too_deep(value, text)
         return
     pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
     while pending:
         path, item = pending.pop()
-        if isinstance(item, str):
+        if len(path) >= MAX_DEPTH and isinstance(item, dict | list):
+            yield path[:1], _DEEPER
+        elif isinstance(item, str):
             problem = text_problem(item)
             if problem is not None:
                 yield path, f"the text {problem}"
@@ -106,8 +116,26 @@ def json_text(value: Any) -> str | None:
     return text
 
 
-def _clean(value: Any) -> bool:
-    """Whether `value` is surely storable: JSON text exists for it, and holds no
-    NUL (never written as the escape JSON gives it)."""
-    text = json_text(value)
-    return text is not None and "\\u0000" not in text
+def _too_deep(value: Any, text: str) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Where `value`, whose JSON text is `text`, nests deeper than MAX_DEPTH.
+
+    A document with no more brackets than that cannot (counting them is C
+    code); only the containers of the others are walked.
+    """
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while pending:
+        path, item = pending.pop()
+        if len(path) >= MAX_DEPTH:
+            # Named by the field it is in: the whole path would be that long.
+            yield path[:1], _DEEPER
+            return
+        if not isinstance(item, dict | list):
+            continue
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        pending.extend(
+            ((*path, key), child)
+            for key, child in children
+            if isinstance(child, dict | list)
+        )

@@ -9,16 +9,18 @@ from typing import Any
 
 import redis.asyncio as redis
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import errors, pii
 from shared.db import create_engine, is_unavailable
 from shared.event_store import EventStore
 from shared.health import Check, run_checks
-from shared.inputs import json_text
+from shared.inputs import MAX_DEPTH, json_text
 from shared.logging import bind, log_context
 from shared.settings import Settings
 
@@ -219,6 +221,26 @@ def error_response(exc: errors.HelixError) -> JSONResponse:
     return JSONResponse({"detail": "internal error"}, 500)
 
 
+# FastAPI answers 400 "There was an error parsing the body" when the JSON parser
+# raises anything but a JSONDecodeError; its cause says what was wrong.
+_UNREADABLE_BODIES: tuple[tuple[type[BaseException], str], ...] = (
+    (UnicodeDecodeError, "the body is not valid UTF-8"),
+    (RecursionError, f"the body nests deeper than {MAX_DEPTH} levels"),
+    (ValueError, "a number in the body has more digits than can be read"),
+)
+
+
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """Why a body that is JSON to the letter could not be read, if that is
+    what `exc` is: a 422 as for any other malformed body, not a 400."""
+    if exc.status_code != 400 or exc.__cause__ is None:
+        return None
+    for kind, reason in _UNREADABLE_BODIES:
+        if isinstance(exc.__cause__, kind):
+            return reason
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Domain errors become HTTP answers; anything unexpected is a logged 500."""
 
@@ -240,7 +262,16 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"detail": client_errors(exc.errors())}, 422)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        unreadable = _unreadable_body(exc)
+        if unreadable is not None:
+            detail = [{"loc": ["body"], "msg": unreadable, "type": "json_invalid"}]
+            return JSONResponse({"detail": detail}, 422)
+        return await http_exception_handler(request, exc)
+
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(errors.HelixError, domain_error)
     app.add_exception_handler(Exception, unexpected_error)
 

@@ -93,6 +93,60 @@ async def test_a_job_whose_input_cannot_be_stored_is_422_and_stores_nothing(
     assert await job_events(engine) == before
 
 
+def nested(levels: int) -> str:
+    """A JSON array `levels` deep."""
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "says"),
+    [
+        (
+            '{"task": "echo", "payload": {"secret": "s3cret", "a": %s}}' % nested(63),
+            ["body"],
+            "payload: nests objects and arrays deeper than 64 levels",
+        ),
+        ('{"task": "echo", "payload": {"a": %s}}' % nested(2000), ["body"], "deeper"),
+        ('{"task": "echo", "payload": {"n": 1%s}}' % ("0" * 4300), ["body"], "digits"),
+        (b'{"task": "echo", "payload": {"a": "\xff"}}', ["body"], "UTF-8"),
+    ],
+    ids=["deep", "deeper-than-the-parser-goes", "4301-digits", "not-utf-8"],
+)
+async def test_a_body_too_deep_or_too_long_to_read_is_422_and_stores_nothing(
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    body: str | bytes,
+    loc: list[str],
+    says: str,
+) -> None:
+    auth = await new_user(client)
+    before = await job_events(engine)
+
+    response = await client.post(
+        "/api/v1/jobs/", content=body, headers={**auth, **JSON}
+    )
+
+    assert_422_echoing_nothing(response, "s3cret", "pydantic", "JobSubmitted")
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc
+    assert says in error["msg"]
+    assert await job_events(engine) == before
+
+
+async def test_a_payload_as_deep_as_the_limit_is_taken_and_echoed(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    auth = await new_user(client)
+    # The body, the payload and 62 arrays in "a": 64 levels.
+    payload = {"a": json.loads(nested(62))}
+
+    response = await client.post(
+        "/api/v1/jobs/", json={"task": "echo", "payload": payload}, headers=auth
+    )
+
+    assert response.status_code == 202, response.text
+
+
 async def test_one_bad_submission_does_not_fail_the_others_sent_with_it(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
