@@ -98,16 +98,20 @@ def nested(levels: int) -> str:
     return "[" * levels + "]" * levels
 
 
+def echo_body(payload: str) -> str:
+    return f'{{"task": "echo", "payload": {payload}}}'
+
+
 @pytest.mark.parametrize(
     ("body", "loc", "says"),
     [
         (
-            '{"task": "echo", "payload": {"secret": "s3cret", "a": %s}}' % nested(63),
+            echo_body(f'{{"secret": "s3cret", "a": {nested(63)}}}'),
             ["body"],
             "payload: nests objects and arrays deeper than 64 levels",
         ),
-        ('{"task": "echo", "payload": {"a": %s}}' % nested(2000), ["body"], "deeper"),
-        ('{"task": "echo", "payload": {"n": 1%s}}' % ("0" * 4300), ["body"], "digits"),
+        (echo_body(f'{{"a": {nested(2000)}}}'), ["body"], "deeper"),
+        (echo_body(f'{{"n": 1{"0" * 4300}}}'), ["body"], "digits"),
         (b'{"task": "echo", "payload": {"a": "\xff"}}', ["body"], "UTF-8"),
     ],
     ids=["deep", "deeper-than-the-parser-goes", "4301-digits", "not-utf-8"],
