@@ -21,6 +21,13 @@ sent (a purged queue, a broker that lost its disk): PENDING, STARTED or due for 
 retry for `settings.job_redispatch_after_s`, no worker holding the job's lock,
 and nothing waiting in the jobs queue. Those are sent again; a job that turns out
 to be running or finished after all makes the second delivery a no-op.
+
+In the same look it ends hung runs. A worker that holds a job's lock
+HUNG_AFTER_S past the job's timeout, or that long after a cancel, is not running
+it any more: it stopped (SIGSTOP, a frozen VM) or its link stalls, with its
+session still open, so the lock never goes by itself. Its database session is
+terminated, which frees the lock, and the job's task is sent again; the next run
+ends the job as timed out or cancelled.
 """
 
 import asyncio
@@ -90,6 +97,30 @@ LIMIT %(limit)s
 """
 
 
+# STARTED jobs whose runner holds their lock long past the end it should have
+# made (the timeout, or a cancel), with the backend that holds it.
+_HUNG_RUNS = f"""
+WITH hung AS (
+    SELECT j.id, l.pid FROM job_statuses j
+    CROSS JOIN LATERAL (SELECT {job_lock_key("'job-' || j.id::text")} AS k) lock
+    JOIN pg_locks l
+      ON l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+     AND l.database = (SELECT oid FROM pg_database
+                       WHERE datname = current_database())
+     AND l.classid = ((lock.k >> 32) & 4294967295)::text::oid
+     AND l.objid = (lock.k & 4294967295)::text::oid
+    WHERE j.status = 'STARTED'
+      AND (j.started_at + make_interval(secs => j.timeout_s) < now() - %(after)s
+           OR (j.cancel_requested AND j.updated_at < now() - %(after)s))
+      AND pg_try_advisory_xact_lock(%(sweep_key)s)
+    ORDER BY j.started_at
+    LIMIT %(limit)s
+)
+SELECT id, pid, pg_terminate_backend(pid, 5000) FROM hung
+"""
+HUNG_AFTER_S = 60.0
+
+
 def queue_name(settings: Settings) -> str:
     return f"{settings.events_exchange}.dispatcher"
 
@@ -102,10 +133,12 @@ class Dispatcher:
         celery: Celery | None = None,
         *,
         redispatch_every_s: float = REDISPATCH_EVERY_S,
+        hung_after_s: float = HUNG_AFTER_S,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.redispatch_every_s = redispatch_every_s
+        self.hung_after_s = hung_after_s
         self.store = EventStore(engine)
         self.sender = TaskSender(
             celery or celery_app(settings, name="helixnet-dispatcher"),
@@ -233,10 +266,17 @@ class Dispatcher:
             await self._save(position)
 
     async def redispatch_lost(self) -> int:
-        """Send again the tasks of jobs that lost theirs; how many were sent."""
-        if await self.sender.waiting():
-            # Their tasks may well be among those still queued.
-            return 0
+        """Send again the tasks of jobs that lost theirs, and of hung runs once
+        ended; how many were sent."""
+        # While tasks wait in the queue, theirs may well be among them.
+        lost = [] if await self.sender.waiting() else await self._lost_tasks()
+        # After: a hung run's job is locked until now, so it is not among those.
+        hung = await self.end_hung_runs()
+        await self._send_again(lost + hung)
+        return len(lost) + len(hung)
+
+    async def _lost_tasks(self) -> list[str]:
+        """The jobs whose task message seems lost."""
         params = {
             "after": timedelta(seconds=self.settings.job_redispatch_after_s),
             "sweep_key": REDISPATCH_LOCK_KEY,
@@ -250,13 +290,36 @@ class Dispatcher:
                 "sending the tasks of jobs that lost theirs again",
                 extra={"jobs": job_ids},
             )
+        return job_ids
+
+    async def _send_again(self, job_ids: list[str]) -> None:
+        if job_ids:
             await self._send(
                 [
                     {"job_id": job_id, "task_id": str(uuid4()), "eta": None}
                     for job_id in job_ids
                 ]
             )
-        return len(job_ids)
+
+    async def end_hung_runs(self) -> list[str]:
+        """Terminate the sessions of runs that hold their job's lock long past
+        its end; the ids of their jobs."""
+        params = {
+            "after": timedelta(seconds=self.hung_after_s),
+            "sweep_key": REDISPATCH_LOCK_KEY,
+            "limit": REDISPATCH_LIMIT,
+        }
+        async with transaction(self.engine) as connection:
+            rows: list[Any] = list(await connection.exec_driver_sql(_HUNG_RUNS, params))
+        if rows:
+            log.warning(
+                "ended the database sessions of job runs hung past their end",
+                extra={
+                    "jobs": [str(row[0]) for row in rows],
+                    "backends": [row[1] for row in rows],
+                },
+            )
+        return [str(row[0]) for row in rows]
 
     async def _save(self, position: LogPosition) -> None:
         async with transaction(self.engine) as connection:

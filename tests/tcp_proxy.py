@@ -19,6 +19,9 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # Cleared while stalled: connections stay open and carry nothing.
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def __enter__(self) -> "TcpProxy":
         self._thread.start()
@@ -38,6 +41,14 @@ class TcpProxy:
     def cut(self) -> None:
         """Refuse new connections and drop every open one."""
         self._run(self._close())
+
+    def stall(self) -> None:
+        """Keep every connection open but carry nothing, as a network that drops
+        packets does; `flow` carries again what was held back."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def flow(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
 
     def _run(self, coroutine: object) -> None:
         asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)  # type: ignore[arg-type]
@@ -75,6 +86,7 @@ class TcpProxy:
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

@@ -12,9 +12,12 @@ writes without holding the lock:
 - cancel requested: append JobCancelled, never run;
 - PENDING, or RETRY and due: append JobStarted with the stream's version (so a
   racing cancel or a second delivery loses cleanly), then run;
-- STARTED although the lock was free: the worker that started it died (its
-  session ended with it and freed the lock), so this delivery takes over as a
-  new attempt, or fails the job when no attempts are left.
+- STARTED although the lock was free: the run was lost (its worker died, or
+  lost its session, which freed the lock). Past the run's timeout, the job has
+  timed out. Otherwise this delivery takes over as a new attempt: a lost run is
+  the platform's failure, not the job's, so it spends none of `max_retries`, but
+  a job whose runs are lost more than MAX_LOST_RUNS times (one that kills its
+  worker, say) fails.
 
 A handler that is done within QUICK_S (echo, a checksum) gets its JobStarted and
 its terminal event in one append, at the version the decision was made on: one
@@ -23,6 +26,9 @@ longer, and JobStarted is appended while the handler goes on running.
 
 While the handler runs in a thread, the runner watches the job stream for a
 cancel, enforces `timeout_s`, and appends JobProgressed at most twice a second.
+A look at the stream that gets no answer within WATCH_READ_TIMEOUT_S (the
+database stalled) stops the handler and gives the delivery back: the session,
+and with it the lock, is abandoned, never waited on.
 Exactly one terminal event ends the attempt, appended at the version the runner
 last saw; a conflicting append is re-read and re-decided, never duplicated.
 """
@@ -35,7 +41,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
@@ -43,7 +49,13 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import connect, driver_connection
-from shared.errors import HelixError, InvalidEventData, NotFound, WrongExpectedVersion
+from shared.errors import (
+    HelixError,
+    InvalidEventData,
+    NotFound,
+    StoreUnavailable,
+    WrongExpectedVersion,
+)
 from shared.event_store import EventMetadata, EventStore
 from shared.events.job import (
     JobCancelled,
@@ -79,6 +91,13 @@ EARLY_RETRY_TOLERANCE = timedelta(milliseconds=100)
 MAX_CONFLICTS = 20
 # A handler done within this long has its start and end appended together.
 QUICK_S = 0.05
+# Runs of one job that may be lost (and taken over) before the job fails.
+MAX_LOST_RUNS = 3
+WATCH_READ_TIMEOUT_S = 10.0
+
+
+class SessionLost(StoreUnavailable):
+    """The job's session stopped answering; it holds the job's lock no more."""
 
 
 @dataclass
@@ -136,20 +155,36 @@ class JobRunner:
             ):
                 return "not_due"
             attempt = state.attempts + 1
-            if state.status == "STARTED" and attempt > state.max_retries + 1:
-                lost = JobFailed(
-                    attempt=state.attempts,
-                    message="the worker running the job was lost",
-                    kind="worker_lost",
+            if state.status == "STARTED":
+                ended = self._lost_run_ending(state)
+                if ended is not None:
+                    if await self._try_append(session, state, ended) is not None:
+                        return "failed"
+                    continue
+                log.warning(
+                    "job run lost, taking it over",
+                    extra={"job_id": str(state.id), "attempt": attempt},
                 )
-                if await self._try_append(session, state, lost) is not None:
-                    return "failed"
-                continue
             started = JobStarted(attempt=attempt, worker=self.worker_name)
             outcome = await self._attempt(session, state, started)
             if outcome is not None:
                 return outcome
         raise WrongExpectedVersion(stream, None, -1)
+
+    def _lost_run_ending(self, state: JobState) -> JobFailed | None:
+        """How a job whose run was lost ends, or None if it is run again."""
+        assert state.started_at is not None
+        deadline = state.started_at + timedelta(seconds=state.timeout_s)
+        if datetime.now(UTC) >= deadline:
+            message = f"timed out after {state.timeout_s:g} s"
+            return JobFailed(attempt=state.attempts, message=message, kind="timeout")
+        lost = state.lost_runs + 1
+        if lost > MAX_LOST_RUNS:
+            message = f"the worker running the job was lost ({lost} times)"
+            return JobFailed(
+                attempt=state.attempts, message=message, kind="worker_lost"
+            )
+        return None
 
     async def _attempt(
         self, session: AsyncConnection, state: JobState, started: JobStarted
@@ -170,17 +205,17 @@ class JobRunner:
         if done:
             return await self._finish_quick(session, state, started, _ended(future))
 
-        version = await self._try_append(session, state, started)
-        if version is None:
-            # A cancel came in before the start was recorded: decide again.
-            context.stop("cancelled")
-            return None
-        state = replace(state, version=version, status="STARTED", attempts=attempt)
-        log.info(
-            "job started",
-            extra={"job_id": str(state.id), "task": state.task, "attempt": attempt},
-        )
         try:
+            version = await self._try_append(session, state, started)
+            if version is None:
+                # A cancel came in before the start was recorded: decide again.
+                context.stop("cancelled")
+                return None
+            state = state.started(attempt, version=version)
+            log.info(
+                "job started",
+                extra={"job_id": str(state.id), "task": state.task, "attempt": attempt},
+            )
             ending, state = await self._watch(session, state, future, context)
         except BaseException:
             # The store went away mid-run: this delivery will be tried again, so
@@ -203,7 +238,7 @@ class JobRunner:
         cancel appended meanwhile makes the append fail, the result is dropped,
         and the job is decided again (it is then finished or cancelled).
         """
-        running = replace(state, status="STARTED", attempts=started.attempt)
+        running = state.started(started.attempt)
         outcome, event = self._decide(running, started.attempt, ending)
         try:
             version = await self._try_append(session, state, started, event)
@@ -247,7 +282,7 @@ class JobRunner:
                     # The handler ignores its stop; its result will be ignored too.
                     break
                 continue
-            state = await self._refresh(session, state)
+            state = await self._refresh_within(session, state)
             if state.cancel_requested:
                 ending.cancelled = True
             elif now >= deadline:
@@ -303,7 +338,9 @@ class JobRunner:
         if ending.result is not None:
             return "succeeded", JobSucceeded(attempt=attempt, result_data=ending.result)
         error = ending.error
-        if self._retryable(state, error) and attempt <= state.max_retries:
+        # Lost runs were the platform's failures: they spend no retries.
+        retries_spent = attempt - 1 - state.lost_runs
+        if self._retryable(state, error) and retries_spent < state.max_retries:
             delay = retry_delay_s(
                 attempt,
                 base_s=self.settings.job_retry_base_s,
@@ -330,6 +367,22 @@ class JobRunner:
     async def _load(self, stream: str, session: AsyncConnection) -> JobState:
         events = await self.store.read_stream(stream, connection=session)
         return JobState.from_events(events)
+
+    async def _refresh_within(
+        self, session: AsyncConnection, state: JobState
+    ) -> JobState:
+        """`_refresh`, or SessionLost if the database does not answer in time.
+
+        The read is cancelled but not waited for: cancelling a query on a
+        stalled link can take as long again.
+        """
+        read = asyncio.ensure_future(self._refresh(session, state))
+        done, _ = await asyncio.wait({read}, timeout=WATCH_READ_TIMEOUT_S)
+        if not done:
+            read.cancel()
+            read.add_done_callback(_retrieve_outcome)
+            raise SessionLost("the job store did not answer the worker")
+        return read.result()
 
     async def _refresh(self, session: AsyncConnection, state: JobState) -> JobState:
         newer = await self.store.read_stream(
@@ -379,6 +432,12 @@ class JobRunner:
             locked = bool(row and row[0])
             try:
                 yield connection if locked else None
+            except SessionLost:
+                # Nothing more is said on a session that stopped answering: it
+                # is dropped, and the lock goes with it on the server.
+                locked = False
+                await connection.invalidate()
+                raise
             finally:
                 if locked:
                     try:

@@ -107,6 +107,29 @@ class JobState:
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def lost_runs(self) -> int:
+        """Runs whose worker was lost before they ended: each start that the
+        next start took over from, not from a scheduled retry."""
+        lost = 0
+        previous = None
+        for kind in self.history:
+            if kind in ("JobStarted", "JobRetryScheduled"):
+                lost += kind == previous == "JobStarted"
+                previous = kind
+        return lost
+
+    def started(self, attempt: int, **changes: Any) -> "JobState":
+        """This state once run `attempt` has started, before its JobStarted is
+        read back."""
+        return replace(
+            self,
+            status="STARTED",
+            attempts=attempt,
+            history=(*self.history, "JobStarted"),
+            **changes,
+        )
+
     @classmethod
     def from_events(cls, events: list[RecordedEvent]) -> "JobState":
         """Fold a job stream, oldest first; raises NotFound for an empty one."""

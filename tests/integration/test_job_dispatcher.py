@@ -1,6 +1,7 @@
 """The job dispatcher against real PostgreSQL and RabbitMQ, with no worker."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -17,7 +18,12 @@ from projectors.relay import declare_exchange, routing_key
 from shared.checkpoints import create_checkpoint, lags
 from shared.db import transaction
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
-from shared.events.job import JobRetryScheduled, JobStarted, JobSubmitted
+from shared.events.job import (
+    JobCancelRequested,
+    JobRetryScheduled,
+    JobStarted,
+    JobSubmitted,
+)
 from shared.jobs.messaging import DISPATCHER, RUN_JOB_TASK
 from shared.jobs.state import job_lock_key, job_stream
 
@@ -203,6 +209,19 @@ async def stale_job(store: EventStore, engine) -> uuid.UUID:
     return job_id
 
 
+@contextlib.asynccontextmanager
+async def job_lock_held(settings, job_id: uuid.UUID):
+    """A session holding the job's lock, as a worker running it does."""
+    session = await psycopg.AsyncConnection.connect(
+        settings.psycopg_dsn, autocommit=True
+    )
+    async with session:
+        await session.execute(
+            f"SELECT pg_advisory_lock({job_lock_key('%s')})", (job_stream(job_id),)
+        )
+        yield session
+
+
 async def test_a_job_whose_task_was_lost_is_sent_again(
     store, engine, tasks, dispatcher
 ):
@@ -221,14 +240,7 @@ async def test_a_job_a_worker_holds_is_not_sent_again(
 ):
     job_id = await stale_job(store, engine)
     await asyncio.wait_for(tasks.get(), 30)
-    worker = await psycopg.AsyncConnection.connect(
-        settings.psycopg_dsn, autocommit=True
-    )
-    async with worker:
-        await worker.execute(
-            f"SELECT pg_advisory_lock({job_lock_key('%s')})", (job_stream(job_id),)
-        )
-
+    async with job_lock_held(settings, job_id):
         assert await dispatcher.redispatch_lost() == 0
 
 
@@ -270,3 +282,50 @@ async def test_a_failed_look_for_lost_tasks_does_not_stop_dispatching(
 
     assert args == [str(job_id)]
     assert "looking for jobs that lost their task failed" in caplog.text
+
+
+@pytest.mark.parametrize("past", ["its timeout", "a cancel"])
+async def test_a_run_hung_long_past_its_end_is_ended_and_its_job_sent_again(
+    store, engine, settings, tasks, dispatcher, past
+):
+    job_id = await submit(store)
+    events = [JobStarted(attempt=1, worker="frozen/1")]
+    if past == "a cancel":
+        events.append(JobCancelRequested())
+    await store.append(job_stream(job_id), events, expected_version=1, metadata=META)
+    await asyncio.wait_for(tasks.get(), 30)
+    await ensure_created(engine, [jobs_projection])
+    await catch_up(engine, jobs_projection, store=store)
+    started_at = "now() - interval '1 hour'" if past == "its timeout" else "now()"
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(
+            f"UPDATE job_statuses SET started_at = {started_at},"
+            " updated_at = now() - interval '1 hour' WHERE id = %s",
+            (job_id,),
+        )
+    # A worker that stopped (SIGSTOP, a frozen host) while it held the job: its
+    # session stays open, and with it the lock.
+    async with job_lock_held(settings, job_id) as frozen:
+        assert await dispatcher.redispatch_lost() == 1
+
+        _, args = await asyncio.wait_for(tasks.get(), 30)
+        assert args == [str(job_id)]
+        with pytest.raises(psycopg.OperationalError):
+            await frozen.execute("SELECT 1")
+
+
+async def test_a_run_within_its_time_keeps_its_session(
+    store, engine, settings, tasks, dispatcher
+):
+    job_id = await submit(store)
+    await store.append(
+        job_stream(job_id),
+        [JobStarted(attempt=1, worker="busy/1")],
+        expected_version=1,
+        metadata=META,
+    )
+    await ensure_created(engine, [jobs_projection])
+    await catch_up(engine, jobs_projection, store=store)
+    async with job_lock_held(settings, job_id) as running:
+        assert await dispatcher.end_hung_runs() == []
+        await running.execute("SELECT 1")

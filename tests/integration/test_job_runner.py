@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -10,13 +11,17 @@ from typing import Any
 import psycopg
 import pytest
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 
+from shared.db import create_engine
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobCancelRequested, JobStarted, JobSubmitted
 from shared.jobs import JobCatalog, JobContext, load_catalog
 from shared.jobs.state import JobState, job_stream
 from shared.settings import Settings
-from workers.runner import JobRunner
+from tests.tcp_proxy import TcpProxy
+from workers import runner as runner_module
+from workers.runner import MAX_LOST_RUNS, JobRunner, SessionLost
 
 META = EventMetadata(source="tests")
 
@@ -240,19 +245,56 @@ async def test_a_job_whose_worker_died_is_taken_over_as_a_new_attempt(runner, st
     assert state.history.count("JobSucceeded") == 1
 
 
-async def test_a_lost_worker_on_the_last_attempt_fails_the_job(runner, store):
-    job_id = await submit(store, "echo", {}, max_retries=0)
+async def lose_runs(store: EventStore, job_id: uuid.UUID, runs: int) -> None:
+    """Record `runs` runs started by workers that were lost before they ended."""
     await store.append(
         job_stream(job_id),
-        [JobStarted(attempt=1, worker="gone/1")],
+        [JobStarted(attempt=n, worker=f"gone/{n}") for n in range(1, runs + 1)],
         expected_version=1,
         metadata=META,
     )
 
+
+async def test_a_lost_run_spends_none_of_the_jobs_retries(runner, store):
+    job_id = await submit(store, "echo", {"x": 1}, max_retries=0)
+    await lose_runs(store, job_id, 1)
+
+    assert await runner.run(job_id) == "succeeded"
+
+    state = await state_of(store, job_id)
+    assert (state.status, state.attempts, state.lost_runs) == ("SUCCESS", 2, 1)
+
+
+async def test_retries_after_lost_runs_are_all_still_there(runner, store):
+    job_id = await submit(
+        store, "fail", {"message": "flaky", "retryable": True}, max_retries=1
+    )
+    await lose_runs(store, job_id, 2)
+
+    assert await runner.run(job_id) == "retrying"
+
+
+async def test_a_job_whose_runs_are_lost_again_and_again_fails_saying_so(runner, store):
+    job_id = await submit(store, "echo", {}, max_retries=3)
+    await lose_runs(store, job_id, MAX_LOST_RUNS + 1)
+
     assert await runner.run(job_id) == "failed"
 
     state = await state_of(store, job_id)
-    assert state.message == "the worker running the job was lost"
+    assert state.message == (
+        f"the worker running the job was lost ({MAX_LOST_RUNS + 1} times)"
+    )
+
+
+async def test_a_run_lost_past_its_timeout_fails_as_timed_out(runner, store):
+    job_id = await submit(store, "echo", {}, timeout_s=0.2)
+    await lose_runs(store, job_id, 1)
+    await asyncio.sleep(0.3)
+
+    assert await runner.run(job_id) == "failed"
+
+    state = await state_of(store, job_id)
+    assert (state.message, state.attempts) == ("timed out after 0.2 s", 1)
 
 
 async def wait_for_status(store: EventStore, job_id: uuid.UUID, status: str):
@@ -266,3 +308,56 @@ async def wait_for_status(store: EventStore, job_id: uuid.UUID, status: str):
 
 def _now() -> float:
     return time.time()
+
+
+async def test_a_run_whose_store_stops_answering_stops_its_handler_and_gives_up(
+    engine, store, settings, monkeypatch
+):
+    monkeypatch.setattr(runner_module, "WATCH_READ_TIMEOUT_S", 0.5)
+    catalog = JobCatalog()
+    stopped = threading.Event()
+
+    @catalog.task("wait_for_stop")
+    def wait_for_stop(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        if stopped.is_set():
+            return {}  # the run after the stall
+        try:
+            context.sleep(300)
+        finally:
+            stopped.set()
+        return {}
+
+    job_id = await submit(store, "wait_for_stop", {}, timeout_s=300)
+    with TcpProxy(5432) as proxy:
+        url = make_url(settings.database_url).set(port=proxy.port)
+        via_proxy = settings.model_copy(
+            update={"database_url": url.render_as_string(hide_password=False)}
+        )
+        stalled = create_engine(via_proxy, pool_size=2)
+        try:
+            runner = JobRunner(
+                engine=stalled,
+                store=EventStore(stalled),
+                catalog=catalog,
+                settings=settings,
+            )
+            running = asyncio.create_task(runner.run(job_id))
+            await wait_for_status(store, job_id, "STARTED")
+            proxy.stall()
+
+            with pytest.raises(SessionLost):
+                await asyncio.wait_for(running, 30)
+            assert await asyncio.to_thread(stopped.wait, 10)
+        finally:
+            proxy.flow()
+            await stalled.dispose()
+
+    # The lock goes once the server sees the abandoned session end (here, when
+    # the proxy closes it); then the next delivery takes over.
+    runner = JobRunner(engine=engine, store=store, catalog=catalog, settings=settings)
+    for _ in range(300):
+        outcome = await runner.run(job_id)
+        if outcome != "busy":
+            break
+        await asyncio.sleep(0.1)
+    assert outcome == "succeeded"
