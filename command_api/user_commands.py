@@ -174,6 +174,9 @@ async def update_user(
         if credentials.erased:
             raise Conflict("this user was erased and cannot be changed")
         state = await load_user(store, connection, user_id)
+        if state.deleted:
+            # Deleted is for good: only erasure (DELETE ?erase=true) is left.
+            raise Conflict("this user was deleted and cannot be changed")
         key = await pii.load_key(connection, user_id)
         assert key is not None, "only erased users lose their key"
         was_active = state.is_active

@@ -31,6 +31,7 @@ from tests.user_api import (
     superuser_token,
     unique_email,
 )
+from tests.user_api import sign_in as token_for
 
 
 async def admin_of(client: httpx.AsyncClient, settings: Settings) -> tuple[str, dict]:
@@ -259,3 +260,33 @@ async def test_a_sign_in_stands_when_redis_fails_to_clear_its_failures(
         await SignInThrottle(gone, settings).succeeded("a@example.com", "10.0.0.1")
     finally:
         await gone.aclose()
+
+
+@pytest.mark.parametrize(
+    "change", [{"is_active": True}, {"full_name": "back"}], ids=["reactivate", "rename"]
+)
+async def test_a_deleted_account_stays_deleted(
+    client: httpx.AsyncClient, app_settings: Settings, change: dict
+) -> None:
+    _, admin = await admin_of(client, app_settings)
+    email = unique_email("deleted")
+    user = await register(client, email)
+    token = bearer(await token_for(client, email))
+    deleted = await client.delete(f"/api/v1/users/{user['id']}", headers=token)
+    assert deleted.status_code == 204
+
+    changed = await client.patch(
+        f"/api/v1/users/{user['id']}", json=change, headers=admin
+    )
+    signing_in = await client.post(
+        "/api/v1/token", data={"username": email, "password": PASSWORD}
+    )
+    erased = await client.delete(
+        f"/api/v1/users/{user['id']}", params={"erase": "true"}, headers=admin
+    )
+
+    assert changed.status_code == 409, changed.text
+    assert "deleted" in changed.json()["detail"]
+    assert signing_in.status_code == 401
+    # Erasure is still open to a superuser.
+    assert erased.status_code == 204
