@@ -9,12 +9,20 @@ schema (Apache-2.0) as Docker Compose v2.40.3 embeds it.
 """
 
 import ast
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
+import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -42,6 +50,7 @@ from tests.compose_model import (
     MissingVariable,
     command,
     depends_on,
+    duration_s,
     environment,
     file_middlewares,
     interpolate,
@@ -312,6 +321,109 @@ def test_api_healthchecks_probe_the_health_route_on_the_port_uvicorn_serves() ->
         probe = " ".join(SERVICES[name]["healthcheck"]["test"])
 
         assert f"127.0.0.1:{port}/health/" in probe
+
+
+@contextmanager
+def health_route_answering(status: int) -> Iterator[int]:
+    """A loopback HTTP server whose every GET answers `status`; yields its port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "answered"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextmanager
+def port_closing_every_connection() -> Iterator[int]:
+    """A loopback port that accepts connections and closes them unanswered."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stopping = threading.Event()
+
+    def close_each() -> None:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                connection, _ = listener.accept()
+                connection.close()
+
+    thread = threading.Thread(target=close_each, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stopping.set()
+        thread.join()
+        listener.close()
+
+
+def run_api_healthcheck(service: str, port: int) -> int:
+    """Run `service`'s healthcheck against 127.0.0.1:`port`; its exit status."""
+    test = SERVICES[service]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    served = f"127.0.0.1:{option(command(service), '--port')}"
+    script = test[3].replace(served, f"127.0.0.1:{port}")
+    assert script != test[3], f"the probe does not name {served}"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    probe = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, env=env, timeout=30
+    )
+    return probe.returncode
+
+
+@pytest.mark.parametrize("service", APIS)
+@pytest.mark.parametrize("status", [200, 503])
+def test_api_replica_stays_healthy_while_it_answers_health_with_a_dependency_down(
+    service: str, status: int
+) -> None:
+    # 503 is /health/ naming a dependency that is down: the process still serves.
+    with health_route_answering(status) as port:
+        assert run_api_healthcheck(service, port) == 0
+
+
+@pytest.mark.parametrize("service", APIS)
+@pytest.mark.parametrize("status", [404, 500])
+def test_api_replica_is_unhealthy_when_health_answers_an_error_of_its_own(
+    service: str, status: int
+) -> None:
+    with health_route_answering(status) as port:
+        assert run_api_healthcheck(service, port) != 0
+
+
+@pytest.mark.parametrize("service", APIS)
+def test_api_replica_is_unhealthy_when_nothing_answers_http(service: str) -> None:
+    with port_closing_every_connection() as port:
+        assert run_api_healthcheck(service, port) != 0
+    # Bound but not listening: the connection is refused.
+    with socket.socket() as unbound:
+        unbound.bind(("127.0.0.1", 0))
+        assert run_api_healthcheck(service, unbound.getsockname()[1]) != 0
+
+
+def test_api_health_probe_gives_up_before_docker_stops_waiting_for_it() -> None:
+    for name in APIS:
+        healthcheck = SERVICES[name]["healthcheck"]
+        (probe_timeout,) = re.findall(r"timeout=(\d+)", healthcheck["test"][3])
+
+        assert int(probe_timeout) < duration_s(healthcheck["timeout"])
 
 
 def test_images_of_stores_and_tools_are_the_versions_chosen() -> None:
