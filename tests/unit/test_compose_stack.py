@@ -30,8 +30,9 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, TypeAdapter
 
+from query_api import job_routes
 from shared.settings import DEVELOPMENT_JWT_SECRET, WELL_KNOWN_PASSWORDS, Settings
 from tests.compose_model import (
     COMPOSE,
@@ -424,6 +425,43 @@ def test_api_health_probe_gives_up_before_docker_stops_waiting_for_it() -> None:
         (probe_timeout,) = re.findall(r"timeout=(\d+)", healthcheck["test"][3])
 
         assert int(probe_timeout) < duration_s(healthcheck["timeout"])
+
+
+def setting(service: str, name: str) -> Any:
+    """The value `service` runs with for the Settings field `name`."""
+    field = Settings.model_fields[name]
+    value = environment(service).get(f"HELIX_{name.upper()}")
+    if value is None:
+        return field.default
+    return TypeAdapter(field.annotation).validate_python(value)
+
+
+def longest_request_s(service: str) -> float:
+    """How long the longest request `service` serves may take, from the code.
+
+    A job read with `?wait=MAX_WAIT_S` and a Helix-Position first waits for the
+    jobs projection (the read-your-writes bound), then for the job, then checks a
+    connection out of the pool for its last look (the pool timeout).
+    """
+    return (
+        setting(service, "read_your_writes_timeout_s")
+        + job_routes.MAX_WAIT_S
+        + 2 * setting(service, "database_connect_timeout_s")
+    )
+
+
+@pytest.mark.parametrize("service", APIS)
+def test_api_stop_waits_for_the_longest_request_to_be_answered(service: str) -> None:
+    grace_s = duration_s(SERVICES[service].get("stop_grace_period", "10s"))
+    argv = command(service)
+
+    assert grace_s > longest_request_s(service)
+    # uvicorn waits for open requests unless told to cut them short.
+    if "--timeout-graceful-shutdown" in argv:
+        cut_s = float(option(argv, "--timeout-graceful-shutdown"))
+        assert longest_request_s(service) < cut_s < grace_s
+    # Docker's init (tini) passes SIGTERM on to uvicorn rather than ignoring it.
+    assert SERVICES[service]["init"] is True
 
 
 def test_images_of_stores_and_tools_are_the_versions_chosen() -> None:
