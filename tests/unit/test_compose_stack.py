@@ -32,6 +32,8 @@ import jsonschema
 import pytest
 from pydantic import SecretStr, TypeAdapter
 
+from command_api import setup as command_setup
+from projectors import cli, dispatcher
 from query_api import job_routes
 from shared.settings import DEVELOPMENT_JWT_SECRET, WELL_KNOWN_PASSWORDS, Settings
 from tests.compose_model import (
@@ -63,6 +65,7 @@ from tests.compose_model import (
     rule_hosts,
     volume_target,
 )
+from workers import runtime
 
 SCHEMA_FILE = Path(__file__).with_name("compose_spec.json")
 CERTIFICATE_SCRIPT = COMPOSE_DIR / "tls" / "ensure_certificate.py"
@@ -483,6 +486,154 @@ def test_stores_have_healthchecks_that_probe_them() -> None:
     assert volume_target("postgres", "postgres-data") == "/var/lib/postgresql/data"
     # RabbitMQ keys its data directory by node name, so the host name must not drift.
     assert SERVICES["rabbitmq"]["hostname"] == "rabbitmq"
+
+
+# -- PostgreSQL connections ----------------------------------------------------------
+
+# Packages whose processes connect to PostgreSQL, and the migrations `migrate` runs.
+CONNECTING_CODE = ("shared", "command_api", "query_api", "projectors", "workers")
+# pgAdmin's maintenance database, a browsed database and some query tool tabs,
+# for a couple of operators at once.
+PGADMIN_CONNECTIONS = 10
+# PostgreSQL's defaults, unless the postgres service's command sets them.
+POSTGRES_DEFAULTS = {"max_connections": 100, "superuser_reserved_connections": 3}
+
+
+def postgres_setting(name: str) -> int:
+    argv = command("postgres") if "command" in SERVICES["postgres"] else []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-c" and value.startswith(f"{name}="):
+            return int(value.split("=", 1)[1])
+    return POSTGRES_DEFAULTS[name]
+
+
+def connections_of_one_container(service: str) -> int:
+    """The most PostgreSQL connections one container of `service` holds at once.
+
+    Read from the code; `test_every_place_that_opens_connections_is_counted`
+    fails when a place that opens them is added without being counted here.
+    """
+    pool_size = setting(service, "database_pool_size")
+    argv = command(service)
+    if service == "command-api":
+        # shared.web.service_resources: one engine a process.
+        return int(pool_size)
+    if service == "query-api":
+        # The same engine, and query_api.job_waits.JobWaits: a LISTEN connection of
+        # its own from the first `?wait` on.
+        return int(pool_size) + 1
+    if service == "projectors":
+        # projectors.runner: one engine for the relay and every projection; the
+        # relay's advisory-lock session and its LogListener, each a connection of
+        # its own; projectors.dispatcher: an engine of its own.
+        return int(pool_size) + 2 + dispatcher.POOL_SIZE
+    if service == "worker":
+        # Celery's parent process opens none; workers.runtime gives each pool
+        # process (prefork) or thread its own engine of runtime.POOL_SIZE.
+        pooled = [a for a in argv if a in ("--pool", "-P") or a.startswith("--pool=")]
+        pool = option(argv, "--pool", "-P") if pooled else "prefork"
+        assert pool in ("prefork", "threads"), pool
+        return int(option(argv, "--concurrency", "-c")) * runtime.POOL_SIZE
+    if service == "migrate":
+        # shared.database_setup and migrations/env.py use one connection at a
+        # time, closed before command_api.setup seeds through its own engine.
+        return command_setup.POOL_SIZE
+    if service == "flower":
+        # Celery's dashboard talks to RabbitMQ only.
+        return 0
+    raise AssertionError(f"no connection count for {service}")
+
+
+def readme_scale_example() -> dict[str, int]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Scaling", 1)[1].split("\n#", 1)[0]
+    (example,) = [line for line in section.splitlines() if "--scale" in line]
+
+    return {name: int(n) for name, n in re.findall(r"--scale ([\w-]+)=(\d+)", example)}
+
+
+def test_readme_scale_example_fits_in_postgres_max_connections() -> None:
+    scale = readme_scale_example()
+    containers = {
+        name: scale.get(name, SERVICES[name].get("deploy", {}).get("replicas", 1))
+        for name in PROCESSES
+    }
+    # An operator's `helix` session beside the stack: its engine, and the
+    # LogListener of `events tail --follow`.
+    helix_cli = cli.POOL_SIZE + 1
+    # `migrate` runs again beside the stack after an upgrade.
+    opened = helix_cli + sum(
+        containers[name] * connections_of_one_container(name) for name in PROCESSES
+    )
+    spare = PGADMIN_CONNECTIONS + postgres_setting("superuser_reserved_connections")
+
+    assert set(scale) <= PROCESSES and scale["worker"] > 1
+    assert opened + spare <= postgres_setting("max_connections"), opened
+
+
+def connection_openers(path: Path, listeners: set[str]) -> list[str]:
+    """The calls in `path` that open PostgreSQL connections of their own."""
+    openers = {
+        "create_engine",
+        "create_async_engine",
+        "psycopg.connect",
+        "psycopg.AsyncConnection.connect",
+        *listeners,
+    }
+    return [
+        ast.unparse(node.func)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in openers
+    ]
+
+
+def notification_listeners(paths: list[Path]) -> set[str]:
+    """NotificationListener and every class derived from it: each LISTENs on a
+    connection of its own."""
+    classes = [
+        node
+        for path in paths
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+    ]
+    found = {"NotificationListener"}
+    while True:
+        derived = {c.name for c in classes if {ast.unparse(b) for b in c.bases} & found}
+        if derived <= found:
+            return found
+        found |= derived
+
+
+def test_every_place_that_opens_connections_is_counted() -> None:
+    paths = [
+        path
+        for folder in (*CONNECTING_CODE, "migrations")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    ]
+    listeners = notification_listeners(paths)
+    found = {
+        (str(path.relative_to(ROOT)), opener)
+        for path in paths
+        for opener in connection_openers(path, listeners)
+    }
+
+    # Each is counted in connections_of_one_container or beside it.
+    assert found == {
+        ("shared/db.py", "create_async_engine"),  # what create_engine builds
+        ("shared/web.py", "create_engine"),  # the APIs
+        ("query_api/app.py", "JobWaits"),
+        ("shared/log_listener.py", "psycopg.AsyncConnection.connect"),  # listeners
+        ("projectors/runner.py", "create_engine"),
+        ("projectors/relay.py", "psycopg.AsyncConnection.connect"),  # its lock
+        ("projectors/relay.py", "LogListener"),
+        ("projectors/dispatcher.py", "create_engine"),
+        ("workers/runtime.py", "create_engine"),
+        ("shared/database_setup.py", "psycopg.connect"),  # migrate
+        ("migrations/env.py", "create_engine"),  # migrate
+        ("command_api/setup.py", "create_engine"),  # migrate
+        ("projectors/cli.py", "create_engine"),  # helix
+        ("projectors/cli.py", "LogListener"),  # helix events tail --follow
+    }
 
 
 # -- Start order ---------------------------------------------------------------------
