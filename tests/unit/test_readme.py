@@ -61,3 +61,19 @@ def test_configuration_names_every_variable_compose_reads() -> None:
 
     for variable, _, _ in REFERENCE.findall(compose):
         assert f"`{variable}`" in configuration, f"{variable} is not in the README"
+
+
+def test_make_test_prerequisites_say_which_tests_stop_the_local_rabbitmq() -> None:
+    prerequisites = section("## Two commands")
+    stopping = [
+        path.relative_to(ROOT).as_posix()
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if path != Path(__file__).resolve()
+        and re.search(r"\bstop_app\b|\brabbitmq_stopped\(", path.read_text())
+    ]
+
+    assert "tests/broker.py" in stopping
+    assert "rabbitmqctl stop_app" in prerequisites
+    assert "rabbitmqctl start_app" in prerequisites
+    for path in stopping:
+        assert f"`{path}`" in prerequisites, f"{path} is not named"
