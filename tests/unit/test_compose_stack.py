@@ -3,9 +3,11 @@
 No Docker engine runs where these tests run, so they read compose/compose.yaml,
 traefik/, the Dockerfile and .dockerignore and check what `docker compose up` relies
 on: the services and their start order, each request routed to the API that serves
-it, HTTPS everywhere, secrets only from the environment, and commands that name
-modules which exist. compose_spec.json beside this file is the Compose Specification
-schema (Apache-2.0) as Docker Compose v2.40.3 embeds it.
+it, HTTPS everywhere, secrets only from the environment, commands that name
+modules which exist, the APIs' healthcheck (run against stand-in servers) and stop
+timeout, and the PostgreSQL connections the processes open at the README's scale.
+compose_spec.json beside this file is the Compose Specification schema (Apache-2.0)
+as Docker Compose v2.40.3 embeds it.
 """
 
 import ast
