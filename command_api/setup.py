@@ -16,6 +16,8 @@ from shared.users import normalise_email
 
 log = logging.getLogger(__name__)
 
+POOL_SIZE = 2
+
 
 async def seed_first_superuser(settings: Settings) -> UUID | None:
     """Register the settings' first superuser unless an active superuser exists.
@@ -26,7 +28,7 @@ async def seed_first_superuser(settings: Settings) -> UUID | None:
     reservation lets exactly one registration through. The new user's id, or None.
     """
     email = normalise_email(settings.first_superuser_email)
-    engine = create_engine(settings, pool_size=2)
+    engine = create_engine(settings, pool_size=POOL_SIZE)
     try:
         async with connect(engine) as connection:
             active = await connection.exec_driver_sql(

@@ -65,6 +65,7 @@ T = TypeVar("T")
 # How long `events tail --follow` waits for a wake-up before it looks again, and
 # so how soon it notices it was told to stop.
 FOLLOW_POLL_S = 0.5
+POOL_SIZE = 4
 
 
 def load_projections() -> list[Projection]:
@@ -79,7 +80,7 @@ def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     settings = _settings()
 
     async def main() -> T:
-        engine = create_engine(settings, pool_size=4)
+        engine = create_engine(settings, pool_size=POOL_SIZE)
         try:
             return await work(engine)
         finally:

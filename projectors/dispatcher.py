@@ -71,6 +71,7 @@ IDLE_CATCH_UP_S = 5.0
 SAVE_EVERY_S = 0.5
 REDISPATCH_EVERY_S = 60.0
 REDISPATCH_LIMIT = 100
+POOL_SIZE = 2
 # Any fixed number: one process at a time looks for lost tasks.
 REDISPATCH_LOCK_KEY = 0x48454C4958524544  # "HELIXRED"
 
@@ -353,7 +354,7 @@ def _task_for(envelope: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_dispatcher(settings: Settings, stopping: asyncio.Event) -> None:
-    engine = create_engine(settings, pool_size=2, durable=False)
+    engine = create_engine(settings, pool_size=POOL_SIZE, durable=False)
     try:
         await Dispatcher(settings, engine).run(stopping)
     finally:

@@ -176,6 +176,17 @@ def depends_on(service: str) -> dict[str, str]:
     }
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)")
+_DURATION_UNITS_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def duration_s(value: str) -> float:
+    """Seconds in a Compose duration, such as `10s` or `1m30s`."""
+    parts = _DURATION_PART.findall(value)
+    assert parts and "".join(f"{n}{u}" for n, u in parts) == value, value
+    return sum(float(number) * _DURATION_UNITS_S[unit] for number, unit in parts)
+
+
 def volume_target(service: str, source: str) -> str:
     """Where `service` mounts `source` (a named volume or a path from compose/)."""
     for volume in SERVICES[service].get("volumes", []):

@@ -3,18 +3,28 @@
 No Docker engine runs where these tests run, so they read compose/compose.yaml,
 traefik/, the Dockerfile and .dockerignore and check what `docker compose up` relies
 on: the services and their start order, each request routed to the API that serves
-it, HTTPS everywhere, secrets only from the environment, and commands that name
-modules which exist. compose_spec.json beside this file is the Compose Specification
-schema (Apache-2.0) as Docker Compose v2.40.3 embeds it.
+it, HTTPS everywhere, secrets only from the environment, commands that name
+modules which exist, the APIs' healthcheck (run against stand-in servers) and stop
+timeout, and the PostgreSQL connections the processes open at the README's scale.
+compose_spec.json beside this file is the Compose Specification schema (Apache-2.0)
+as Docker Compose v2.40.3 embeds it.
 """
 
 import ast
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
+import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,8 +32,11 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, TypeAdapter
 
+from command_api import setup as command_setup
+from projectors import cli, dispatcher
+from query_api import job_routes
 from shared.settings import DEVELOPMENT_JWT_SECRET, WELL_KNOWN_PASSWORDS, Settings
 from tests.compose_model import (
     COMPOSE,
@@ -42,6 +55,7 @@ from tests.compose_model import (
     MissingVariable,
     command,
     depends_on,
+    duration_s,
     environment,
     file_middlewares,
     interpolate,
@@ -53,6 +67,7 @@ from tests.compose_model import (
     rule_hosts,
     volume_target,
 )
+from workers import runtime
 
 SCHEMA_FILE = Path(__file__).with_name("compose_spec.json")
 CERTIFICATE_SCRIPT = COMPOSE_DIR / "tls" / "ensure_certificate.py"
@@ -314,6 +329,146 @@ def test_api_healthchecks_probe_the_health_route_on_the_port_uvicorn_serves() ->
         assert f"127.0.0.1:{port}/health/" in probe
 
 
+@contextmanager
+def health_route_answering(status: int) -> Iterator[int]:
+    """A loopback HTTP server whose every GET answers `status`; yields its port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "answered"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextmanager
+def port_closing_every_connection() -> Iterator[int]:
+    """A loopback port that accepts connections and closes them unanswered."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stopping = threading.Event()
+
+    def close_each() -> None:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                connection, _ = listener.accept()
+                connection.close()
+
+    thread = threading.Thread(target=close_each, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stopping.set()
+        thread.join()
+        listener.close()
+
+
+def run_api_healthcheck(service: str, port: int) -> int:
+    """Run `service`'s healthcheck against 127.0.0.1:`port`; its exit status."""
+    test = SERVICES[service]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    served = f"127.0.0.1:{option(command(service), '--port')}"
+    script = test[3].replace(served, f"127.0.0.1:{port}")
+    assert script != test[3], f"the probe does not name {served}"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    probe = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, env=env, timeout=30
+    )
+    return probe.returncode
+
+
+@pytest.mark.parametrize("service", APIS)
+@pytest.mark.parametrize("status", [200, 503])
+def test_api_replica_stays_healthy_while_it_answers_health_with_a_dependency_down(
+    service: str, status: int
+) -> None:
+    # 503 is /health/ naming a dependency that is down: the process still serves.
+    with health_route_answering(status) as port:
+        assert run_api_healthcheck(service, port) == 0
+
+
+@pytest.mark.parametrize("service", APIS)
+@pytest.mark.parametrize("status", [404, 500])
+def test_api_replica_is_unhealthy_when_health_answers_an_error_of_its_own(
+    service: str, status: int
+) -> None:
+    with health_route_answering(status) as port:
+        assert run_api_healthcheck(service, port) != 0
+
+
+@pytest.mark.parametrize("service", APIS)
+def test_api_replica_is_unhealthy_when_nothing_answers_http(service: str) -> None:
+    with port_closing_every_connection() as port:
+        assert run_api_healthcheck(service, port) != 0
+    # Bound but not listening: the connection is refused.
+    with socket.socket() as unbound:
+        unbound.bind(("127.0.0.1", 0))
+        assert run_api_healthcheck(service, unbound.getsockname()[1]) != 0
+
+
+def test_api_health_probe_gives_up_before_docker_stops_waiting_for_it() -> None:
+    for name in APIS:
+        healthcheck = SERVICES[name]["healthcheck"]
+        (probe_timeout,) = re.findall(r"timeout=(\d+)", healthcheck["test"][3])
+
+        assert int(probe_timeout) < duration_s(healthcheck["timeout"])
+
+
+def setting(service: str, name: str) -> Any:
+    """The value `service` runs with for the Settings field `name`."""
+    field = Settings.model_fields[name]
+    value = environment(service).get(f"HELIX_{name.upper()}")
+    if value is None:
+        return field.default
+    return TypeAdapter(field.annotation).validate_python(value)
+
+
+def longest_request_s(service: str) -> float:
+    """How long the longest request `service` serves may take, from the code.
+
+    A job read with `?wait=MAX_WAIT_S` and a Helix-Position first waits for the
+    jobs projection (the read-your-writes bound), then for the job, then checks a
+    connection out of the pool for its last look (the pool timeout).
+    """
+    return (
+        setting(service, "read_your_writes_timeout_s")
+        + job_routes.MAX_WAIT_S
+        + 2 * setting(service, "database_connect_timeout_s")
+    )
+
+
+@pytest.mark.parametrize("service", APIS)
+def test_api_stop_waits_for_the_longest_request_to_be_answered(service: str) -> None:
+    grace_s = duration_s(SERVICES[service].get("stop_grace_period", "10s"))
+    argv = command(service)
+
+    assert grace_s > longest_request_s(service)
+    # uvicorn waits for open requests unless told to cut them short.
+    if "--timeout-graceful-shutdown" in argv:
+        cut_s = float(option(argv, "--timeout-graceful-shutdown"))
+        assert longest_request_s(service) < cut_s < grace_s
+    # Docker's init (tini) passes SIGTERM on to uvicorn rather than ignoring it.
+    assert SERVICES[service]["init"] is True
+
+
 def test_images_of_stores_and_tools_are_the_versions_chosen() -> None:
     assert SERVICES["traefik"]["image"].startswith("traefik:v3")
     assert SERVICES["postgres"]["image"].startswith("postgres:15")
@@ -333,6 +488,154 @@ def test_stores_have_healthchecks_that_probe_them() -> None:
     assert volume_target("postgres", "postgres-data") == "/var/lib/postgresql/data"
     # RabbitMQ keys its data directory by node name, so the host name must not drift.
     assert SERVICES["rabbitmq"]["hostname"] == "rabbitmq"
+
+
+# -- PostgreSQL connections ----------------------------------------------------------
+
+# Packages whose processes connect to PostgreSQL, and the migrations `migrate` runs.
+CONNECTING_CODE = ("shared", "command_api", "query_api", "projectors", "workers")
+# pgAdmin's maintenance database, a browsed database and some query tool tabs,
+# for a couple of operators at once.
+PGADMIN_CONNECTIONS = 10
+# PostgreSQL's defaults, unless the postgres service's command sets them.
+POSTGRES_DEFAULTS = {"max_connections": 100, "superuser_reserved_connections": 3}
+
+
+def postgres_setting(name: str) -> int:
+    argv = command("postgres") if "command" in SERVICES["postgres"] else []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-c" and value.startswith(f"{name}="):
+            return int(value.split("=", 1)[1])
+    return POSTGRES_DEFAULTS[name]
+
+
+def connections_of_one_container(service: str) -> int:
+    """The most PostgreSQL connections one container of `service` holds at once.
+
+    Read from the code; `test_every_place_that_opens_connections_is_counted`
+    fails when a place that opens them is added without being counted here.
+    """
+    pool_size = setting(service, "database_pool_size")
+    argv = command(service)
+    if service == "command-api":
+        # shared.web.service_resources: one engine a process.
+        return int(pool_size)
+    if service == "query-api":
+        # The same engine, and query_api.job_waits.JobWaits: a LISTEN connection of
+        # its own from the first `?wait` on.
+        return int(pool_size) + 1
+    if service == "projectors":
+        # projectors.runner: one engine for the relay and every projection; the
+        # relay's advisory-lock session and its LogListener, each a connection of
+        # its own; projectors.dispatcher: an engine of its own.
+        return int(pool_size) + 2 + dispatcher.POOL_SIZE
+    if service == "worker":
+        # Celery's parent process opens none; workers.runtime gives each pool
+        # process (prefork) or thread its own engine of runtime.POOL_SIZE.
+        pooled = [a for a in argv if a in ("--pool", "-P") or a.startswith("--pool=")]
+        pool = option(argv, "--pool", "-P") if pooled else "prefork"
+        assert pool in ("prefork", "threads"), pool
+        return int(option(argv, "--concurrency", "-c")) * runtime.POOL_SIZE
+    if service == "migrate":
+        # shared.database_setup and migrations/env.py use one connection at a
+        # time, closed before command_api.setup seeds through its own engine.
+        return command_setup.POOL_SIZE
+    if service == "flower":
+        # Celery's dashboard talks to RabbitMQ only.
+        return 0
+    raise AssertionError(f"no connection count for {service}")
+
+
+def readme_scale_example() -> dict[str, int]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Scaling", 1)[1].split("\n#", 1)[0]
+    (example,) = [line for line in section.splitlines() if "--scale" in line]
+
+    return {name: int(n) for name, n in re.findall(r"--scale ([\w-]+)=(\d+)", example)}
+
+
+def test_readme_scale_example_fits_in_postgres_max_connections() -> None:
+    scale = readme_scale_example()
+    containers = {
+        name: scale.get(name, SERVICES[name].get("deploy", {}).get("replicas", 1))
+        for name in PROCESSES
+    }
+    # An operator's `helix` session beside the stack: its engine, and the
+    # LogListener of `events tail --follow`.
+    helix_cli = cli.POOL_SIZE + 1
+    # `migrate` runs again beside the stack after an upgrade.
+    opened = helix_cli + sum(
+        containers[name] * connections_of_one_container(name) for name in PROCESSES
+    )
+    spare = PGADMIN_CONNECTIONS + postgres_setting("superuser_reserved_connections")
+
+    assert set(scale) <= PROCESSES and scale["worker"] > 1
+    assert opened + spare <= postgres_setting("max_connections"), opened
+
+
+def connection_openers(path: Path, listeners: set[str]) -> list[str]:
+    """The calls in `path` that open PostgreSQL connections of their own."""
+    openers = {
+        "create_engine",
+        "create_async_engine",
+        "psycopg.connect",
+        "psycopg.AsyncConnection.connect",
+        *listeners,
+    }
+    return [
+        ast.unparse(node.func)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in openers
+    ]
+
+
+def notification_listeners(paths: list[Path]) -> set[str]:
+    """NotificationListener and every class derived from it: each LISTENs on a
+    connection of its own."""
+    classes = [
+        node
+        for path in paths
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+    ]
+    found = {"NotificationListener"}
+    while True:
+        derived = {c.name for c in classes if {ast.unparse(b) for b in c.bases} & found}
+        if derived <= found:
+            return found
+        found |= derived
+
+
+def test_every_place_that_opens_connections_is_counted() -> None:
+    paths = [
+        path
+        for folder in (*CONNECTING_CODE, "migrations")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    ]
+    listeners = notification_listeners(paths)
+    found = {
+        (str(path.relative_to(ROOT)), opener)
+        for path in paths
+        for opener in connection_openers(path, listeners)
+    }
+
+    # Each is counted in connections_of_one_container or beside it.
+    assert found == {
+        ("shared/db.py", "create_async_engine"),  # what create_engine builds
+        ("shared/web.py", "create_engine"),  # the APIs
+        ("query_api/app.py", "JobWaits"),
+        ("shared/log_listener.py", "psycopg.AsyncConnection.connect"),  # listeners
+        ("projectors/runner.py", "create_engine"),
+        ("projectors/relay.py", "psycopg.AsyncConnection.connect"),  # its lock
+        ("projectors/relay.py", "LogListener"),
+        ("projectors/dispatcher.py", "create_engine"),
+        ("workers/runtime.py", "create_engine"),
+        ("shared/database_setup.py", "psycopg.connect"),  # migrate
+        ("migrations/env.py", "create_engine"),  # migrate
+        ("command_api/setup.py", "create_engine"),  # migrate
+        ("projectors/cli.py", "create_engine"),  # helix
+        ("projectors/cli.py", "LogListener"),  # helix events tail --follow
+    }
 
 
 # -- Start order ---------------------------------------------------------------------
