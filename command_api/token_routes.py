@@ -3,6 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from command_api.dependencies import AppSettings, Hasher, Redis, Store
@@ -29,7 +30,7 @@ class TokenOut(BaseModel):
 @router.post(
     "/token",
     response_model=TokenOut,
-    responses=documented(200, headers=(POSITION,), errors=(401, 413, 429)),
+    responses=documented(200, headers=(POSITION,), errors=(400, 401, 413, 429)),
 )
 async def issue_token(
     username: Annotated[StoredText, Form(max_length=320)],
@@ -40,8 +41,20 @@ async def issue_token(
     store: Store,
     hasher: Hasher,
     redis: Redis,
-) -> TokenOut:
-    """Exchange an email (as `username`) and password for a bearer token."""
+    grant_type: Annotated[StoredText | None, Form(max_length=100)] = None,
+) -> TokenOut | JSONResponse:
+    """Exchange an email (as `username`) and password for a bearer token.
+
+    `grant_type` may be left out; sent, it must be `password`, the one grant
+    this endpoint implements.
+    """
+    if grant_type is not None and grant_type != "password":
+        # RFC 6749, section 5.2: the error code, beside the usual `detail`.
+        body = {
+            "detail": "only the password grant is supported",
+            "error": "unsupported_grant_type",
+        }
+        return JSONResponse(body, 400, headers={"Cache-Control": "no-store"})
     email = normalise_email(username)
     client_address = request.client.host if request.client else "unknown"
     throttle = SignInThrottle(redis, settings)

@@ -30,6 +30,7 @@ WWW_AUTHENTICATE: Header = ("WWW-Authenticate", "Bearer")
 
 _ERRORS: dict[int, tuple[str, tuple[Header, ...]]] = {
     304: ("The representation still has the ETag sent in If-None-Match", (ETAG,)),
+    400: ("A grant_type other than password (`error`: unsupported_grant_type)", ()),
     401: (
         "No bearer token, or one that is invalid, expired or revoked",
         (WWW_AUTHENTICATE,),

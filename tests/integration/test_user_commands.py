@@ -188,6 +188,27 @@ async def test_sign_in_returns_a_bearer_token_with_its_lifetime(
 
 
 @pytest.mark.parametrize(
+    ("grant_type", "status"),
+    [("password", 200), ("client_credentials", 400), ("refresh_token", 400)],
+)
+async def test_sign_in_takes_the_password_grant_only(
+    client: httpx.AsyncClient, grant_type: str, status: int
+) -> None:
+    email = unique_email()
+    await register(client, email)
+
+    response = await client.post(
+        "/api/v1/token",
+        data={"grant_type": grant_type, "username": email, "password": PASSWORD},
+    )
+
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"] == "unsupported_grant_type"
+        assert "access_token" not in response.json()
+
+
+@pytest.mark.parametrize(
     "known_email", [True, False], ids=["wrong-password", "unknown"]
 )
 async def test_failed_sign_in_is_401_asking_for_bearer_and_never_says_why(
