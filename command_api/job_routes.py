@@ -56,7 +56,9 @@ def refuse_unless_valid(body: JobSubmission) -> None:
     "/",
     status_code=202,
     response_model=JobOut,
-    responses=documented(202, headers=(LOCATION, POSITION), errors=(401, 409, 413)),
+    responses=documented(
+        202, headers=(LOCATION, POSITION), errors=(401, 409, 413, 415)
+    ),
 )
 async def submit(
     body: JobSubmission,

@@ -85,7 +85,7 @@ def answer_with(response: Response, result: UserResult) -> UserOut:
     status_code=201,
     response_model=UserOut,
     responses=documented(
-        201, headers=(LOCATION, POSITION, ETAG), errors=(401, 403, 409, 413)
+        201, headers=(LOCATION, POSITION, ETAG), errors=(401, 403, 409, 413, 415)
     ),
 )
 async def create_user(
@@ -116,7 +116,7 @@ async def create_user(
     "/{user_id}",
     response_model=UserOut,
     responses=documented(
-        200, headers=(POSITION, ETAG), errors=(401, 403, 404, 409, 412, 413, 429)
+        200, headers=(POSITION, ETAG), errors=(401, 403, 404, 409, 412, 413, 415, 429)
     ),
 )
 async def patch_user(

@@ -40,6 +40,7 @@ _ERRORS: dict[int, tuple[str, tuple[Header, ...]]] = {
     409: ("The request conflicts with the resource's current state", ()),
     412: ("If-Match names a version that is no longer current", ()),
     413: ("The request body is larger than 1 MiB", ()),
+    415: ("The body is not sent as application/json", ()),
     429: ("Too many failed sign-ins; try again later", (RETRY_AFTER,)),
     503: (
         "A dependency is down, or the read model has not caught up with the"

@@ -241,6 +241,22 @@ def _unreadable_body(exc: StarletteHTTPException) -> str | None:
     return None
 
 
+def _json_body_sent_as_another_type(
+    request: Request, found: Sequence[Mapping[str, Any]]
+) -> bool:
+    """Whether a route that takes a JSON object got a body of another media type
+    (FastAPI then sees no object at all, and would say only that)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0]
+    media_type = media_type.strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return False
+    return any(
+        tuple(error.get("loc", ())) == ("body",)
+        and error.get("type") == "model_attributes_type"
+        for error in found
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Domain errors become HTTP answers; anything unexpected is a logged 500."""
 
@@ -260,6 +276,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if _json_body_sent_as_another_type(request, exc.errors()):
+            detail = "send the body as application/json"
+            return JSONResponse({"detail": detail}, 415)
         return JSONResponse({"detail": client_errors(exc.errors())}, 422)
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -402,3 +402,30 @@ async def test_a_streamed_body_under_the_limit_is_read_whole(
     )
 
     assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/json", None])
+async def test_a_json_body_sent_as_another_media_type_is_415(
+    client: httpx.AsyncClient, engine: AsyncEngine, content_type: str | None
+) -> None:
+    auth = await new_user(client)
+    before = await job_events(engine)
+    headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+
+    response = await client.post(
+        "/api/v1/jobs/", content=b'{"task": "echo", "payload": {}}', headers=headers
+    )
+
+    assert response.status_code == 415, response.text
+    assert "application/json" in response.json()["detail"]
+    assert await job_events(engine) == before
+
+
+async def test_a_json_body_with_a_charset_is_taken(client: httpx.AsyncClient) -> None:
+    auth = await new_user(client)
+    response = await client.post(
+        "/api/v1/jobs/",
+        content=b'{"task": "echo", "payload": {}}',
+        headers={**auth, "Content-Type": "application/json; charset=utf-8"},
+    )
+    assert response.status_code == 202, response.text
