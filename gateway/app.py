@@ -25,6 +25,10 @@ class Gateway:
         self.command_app = command_app
         self.query_app = query_app
         self._routes: list[tuple[re.Pattern[str], set[str]]] | None = None
+        # The query API serves `/openapi.json` and `/docs` here, with both APIs'
+        # paths: through its own middleware (request id, metrics, methods).
+        self._query_schema = query_app.openapi
+        query_app.openapi = self.openapi  # type: ignore[method-assign]
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -37,9 +41,6 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._run_lifespan(receive, send)
             return
-        if scope["type"] == "http" and scope["path"] == "/openapi.json":
-            await JSONResponse(self.openapi())(scope, receive, send)
-            return
         method = scope.get("method", "GET")
         target = self.query_app if method in READ_METHODS else self.command_app
         if scope["type"] != "http":
@@ -47,20 +48,18 @@ class Gateway:
             return
         if scope["path"].startswith(COMMAND_PAGES):
             target = self.command_app
-        if method == "OPTIONS" and (allowed := self.allowed_methods(scope["path"])):
-            await Response(status_code=204, headers=_allow(allowed))(
-                scope, receive, send
-            )
-            return
         await target(scope, receive, self._naming_allowed(scope, send))
 
     def _naming_allowed(self, scope: Scope, send: Send) -> Send:
-        """`send`, but a routing miss on a path the other API takes becomes 405.
+        """`send`, but a routing miss on a path the other API takes becomes 405,
+        or 204 for OPTIONS, naming the methods the path takes.
 
         Each API knows only its own methods: a GET on the command API's
         `/api/v1/token` would be the query API's 404. A 404 or 405 for a method
         that neither API takes on this path is answered as 405 with every method
         that both do; a 404 from a handler (for a method the path takes) stays.
+        OPTIONS goes to an API like any request (so it has a request id and is
+        counted), and its 405 becomes the 204 that lists the methods.
         """
         replaced = False
 
@@ -71,7 +70,8 @@ class Gateway:
                 405,
             }:
                 allowed = self.allowed_methods(scope["path"])
-                if allowed and scope["method"] not in allowed:
+                options = scope["method"] == "OPTIONS"
+                if allowed and (options or scope["method"] not in allowed):
                     replaced = True
                     # Keep what the API's middleware set, the request id above all.
                     kept = {
@@ -79,12 +79,15 @@ class Gateway:
                         for name, value in message.get("headers", [])
                         if name.lower() == b"x-request-id"
                     }
-                    refused = JSONResponse(
-                        {"detail": "Method Not Allowed"},
-                        405,
-                        headers={**kept, **_allow(allowed)},
+                    headers = {**kept, **_allow(allowed)}
+                    answer = (
+                        Response(status_code=204, headers=headers)
+                        if options
+                        else JSONResponse(
+                            {"detail": "Method Not Allowed"}, 405, headers=headers
+                        )
                     )
-                    await refused(scope, _no_body, send)
+                    await answer(scope, _no_body, send)
                     return
             if not replaced:
                 await send(message)
@@ -101,13 +104,21 @@ class Gateway:
         return set()
 
     def _route_table(self) -> list[tuple[re.Pattern[str], set[str]]]:
-        """Each path template of both schemas with its methods, literal ones first
-        (`/users/me` before `/users/{user_id}`)."""
+        """Each path template of both APIs with its methods, literal ones first
+        (`/users/me` before `/users/{user_id}`): the schema's routes, and the
+        pages that are not in it (`/metrics`, the docs)."""
         methods_by_path: dict[str, set[str]] = {}
-        for app in (self.query_app, self.command_app):
-            for path, operations in app.openapi().get("paths", {}).items():
+        for schema in (self._query_schema(), self.command_app.openapi()):
+            for path, operations in schema.get("paths", {}).items():
                 methods = methods_by_path.setdefault(path, set())
                 methods.update(method.upper() for method in operations)
+        # Pages outside the schemas (`/metrics`, the docs) are top-level routes.
+        for app in (self.query_app, self.command_app):
+            for route in app.routes:
+                page = getattr(route, "path", None)
+                page_methods = getattr(route, "methods", None)
+                if page is not None and page_methods:
+                    methods_by_path.setdefault(page, set()).update(page_methods)
         table = []
         for path in sorted(methods_by_path, key=lambda p: (p.count("{"), p)):
             methods = methods_by_path[path] | {"OPTIONS"}
@@ -119,7 +130,7 @@ class Gateway:
 
     def openapi(self) -> dict[str, Any]:
         """The query API's schema with the command API's paths merged in."""
-        schema = dict(self.query_app.openapi())
+        schema = dict(self._query_schema())
         commands = self.command_app.openapi()
         paths = {path: dict(ops) for path, ops in schema.get("paths", {}).items()}
         for path, operations in commands.get("paths", {}).items():

@@ -2,6 +2,9 @@
 
 import asyncio
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projectors.framework import Projection, catch_up
 from shared.event_store import EventStore
 
 
@@ -18,3 +21,15 @@ async def wait_until_readable(store: EventStore, position: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"position {position} never became readable")
+
+
+async def project_everything(engine: AsyncEngine, projection: Projection) -> None:
+    """Apply every event appended so far to `projection`, once readable."""
+    store = EventStore(engine)
+    async with engine.connect() as connection:
+        result = await connection.exec_driver_sql("SELECT max(position) FROM events")
+        last = result.scalar_one()
+    await wait_until_readable(store, last)
+    target = await store.locate(last)
+    assert target is not None
+    assert await catch_up(engine, projection, store=store, until=target) >= target

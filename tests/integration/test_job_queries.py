@@ -6,11 +6,12 @@ import uuid
 
 import pytest
 
-from projectors.framework import catch_up, ensure_created
+from projectors.framework import ensure_created
 from projectors.projections.jobs import projection
 from shared.event_store import EventStore
 from shared.jobs import load_catalog
 from shared.jobs.state import job_stream
+from tests.horizon import project_everything
 from tests.user_api import (
     bearer,
     gateway_client,
@@ -43,20 +44,8 @@ async def new_user(client) -> tuple[dict[str, str], str]:
 
 
 async def project(engine, store: EventStore) -> None:
-    """Apply the jobs projection up to the last event appended so far.
-
-    Waits for it to come below the log's read horizon first, which other
-    transactions on the server may hold back for a moment.
-    """
-    async with engine.connect() as connection:
-        last = await connection.exec_driver_sql("SELECT max(position) FROM events")
-        position = last.scalar_one()
-    target = await store.locate(position)
-    for _ in range(1200):
-        if await store.head() >= target:
-            break
-        await asyncio.sleep(0.05)
-    await catch_up(engine, projection, store=store, until=target)
+    """Apply the jobs projection up to the last event appended so far."""
+    await project_everything(engine, projection)
 
 
 async def submit(client, auth, task="echo", payload=None) -> dict:

@@ -14,10 +14,10 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.framework import catch_up
 from projectors.projections.users import projection as users_projection
 from shared.db import connect
 from shared.settings import Settings
+from tests.horizon import project_everything
 from tests.user_api import (
     PASSWORD,
     bearer,
@@ -320,7 +320,7 @@ async def test_head_answers_as_get_without_a_body(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
     auth = await new_user(client)
-    await catch_up(engine, users_projection)
+    await project_everything(engine, users_projection)
 
     got = await client.get("/api/v1/users/me", headers=auth)
     head = await client.head("/api/v1/users/me", headers=auth)
@@ -335,7 +335,7 @@ async def test_a_weak_if_none_match_still_matches(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
     auth = await new_user(client)
-    await catch_up(engine, users_projection)
+    await project_everything(engine, users_projection)
     tag = (await client.get("/api/v1/users/me", headers=auth)).headers["etag"]
 
     response = await client.get(
@@ -356,6 +356,38 @@ async def test_a_method_a_path_does_not_take_is_405_naming_those_it_does(
     assert token.headers["x-request-id"] == "req-405"
     assert options.status_code == 204
     assert options.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("PUT", "/openapi.json", 405, "GET, HEAD, OPTIONS"),
+        ("TRACE", "/openapi.json", 405, "GET, HEAD, OPTIONS"),
+        ("OPTIONS", "/openapi.json", 204, "GET, HEAD, OPTIONS"),
+        ("OPTIONS", "/metrics", 204, "GET, HEAD, OPTIONS"),
+        ("POST", "/docs", 405, "GET, HEAD, OPTIONS"),
+        ("OPTIONS", "/api/v1/token", 204, "OPTIONS, POST"),
+    ],
+)
+async def test_every_page_of_the_gateway_names_its_methods(
+    client: httpx.AsyncClient, method: str, path: str, status: int, allow: str
+) -> None:
+    response = await client.request(method, path, headers={"X-Request-ID": "req-m"})
+
+    assert response.status_code == status, response.text
+    assert response.headers["allow"] == allow
+    assert response.headers["x-request-id"] == "req-m"
+
+
+async def test_the_gateway_schema_has_both_apis_and_a_request_id(
+    client: httpx.AsyncClient,
+) -> None:
+    schema = await client.get("/openapi.json", headers={"X-Request-ID": "req-s"})
+
+    assert schema.status_code == 200
+    assert schema.headers["x-request-id"] == "req-s"
+    paths = schema.json()["paths"]
+    assert "post" in paths["/api/v1/token"] and "get" in paths["/api/v1/jobs/"]
 
 
 async def test_the_command_api_docs_are_served_behind_the_gateway(

@@ -8,13 +8,13 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projectors.framework import catch_up
 from projectors.projections.users import projection as users_projection
 from projectors.rebuild import rebuild, verify
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
 from shared.events.job import JobSubmitted
 from shared.pii import ERASED
 from shared.settings import Settings
+from tests.horizon import project_everything
 from tests.user_api import (
     PASSWORD,
     bearer,
@@ -28,21 +28,8 @@ pytestmark = pytest.mark.usefixtures("users_table")
 
 
 async def project(engine: AsyncEngine) -> None:
-    """Apply every event appended so far to the users projection.
-
-    The log shows an event only once every older transaction on the server has
-    ended, so wait until the last one is visible before catching up to it.
-    """
-    store = EventStore(engine)
-    async with engine.connect() as connection:
-        result = await connection.exec_driver_sql("SELECT max(position) FROM events")
-        last = await store.locate(result.scalar_one())
-    assert last is not None
-    for _ in range(1000):
-        if await store.head() >= last:
-            break
-        await asyncio.sleep(0.02)
-    assert await catch_up(engine, users_projection) >= last
+    """Apply every event appended so far to the users projection."""
+    await project_everything(engine, users_projection)
 
 
 class People:
