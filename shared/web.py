@@ -1,6 +1,8 @@
 """HTTP plumbing both APIs share: request ids, body limits, errors, health."""
 
+import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -19,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared import errors, pii
 from shared.db import create_engine, is_unavailable
 from shared.event_store import EventStore
-from shared.health import Check, run_checks
+from shared.health import Check, CheckResult, run_checks
 from shared.inputs import MAX_DEPTH, json_text
 from shared.logging import bind, log_context
 from shared.settings import Settings
@@ -295,12 +297,34 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected_error)
 
 
+# Health answers are reused this long: anyone may ask, as often as they like, and
+# each look opens connections to RabbitMQ.
+HEALTH_REUSE_S = 1.0
+
+
 def add_health_route(
-    app: FastAPI, checks: Callable[[Request], Mapping[str, Check]], timeout_s: float
+    app: FastAPI,
+    checks: Callable[[Request], Mapping[str, Check]],
+    timeout_s: float,
+    reuse_s: float = HEALTH_REUSE_S,
 ) -> None:
+    looked_at = -math.inf
+    results: list[CheckResult] = []
+    looking = asyncio.Lock()
+
+    async def look(request: Request) -> list[CheckResult]:
+        """The checks' results, at most `reuse_s` old: concurrent requests wait
+        for one look instead of each making their own."""
+        nonlocal looked_at, results
+        async with looking:
+            if time.monotonic() - looked_at >= reuse_s:
+                results = await run_checks(checks(request), timeout_s)
+                looked_at = time.monotonic()
+            return results
+
     async def health(request: Request) -> JSONResponse:
         """Whether every dependency answers; 503 names the ones that do not."""
-        results = await run_checks(checks(request), timeout_s)
+        results = await look(request)
         healthy = all(result.ok for result in results)
         body: dict[str, Any] = {
             "status": "ok" if healthy else "unavailable",
