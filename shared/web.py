@@ -52,7 +52,10 @@ class RequestContextMiddleware:
             return
         headers = dict(scope["headers"])
         sent_id = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = sent_id[:64] if sent_id.isprintable() and sent_id else ""
+        # Printable ASCII only: it goes back in a header and into the log, which
+        # would carry other bytes garbled.
+        usable = sent_id.isascii() and sent_id.isprintable()
+        request_id = sent_id[:64] if usable else ""
         request_id = request_id or str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
         token = log_context.set({"request_id": request_id})

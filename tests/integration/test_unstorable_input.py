@@ -461,3 +461,20 @@ async def test_a_json_body_with_a_charset_is_taken(client: httpx.AsyncClient) ->
         headers={**auth, "Content-Type": "application/json; charset=utf-8"},
     )
     assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(b"req-42", True), ("h\u00e9llo".encode(), False), (b"a\tb", False)],
+    ids=["ascii", "utf-8", "control"],
+)
+async def test_a_request_id_is_kept_only_if_it_can_go_back_unchanged(
+    client: httpx.AsyncClient, sent: bytes, kept: bool
+) -> None:
+    response = await client.get("/health/", headers={"X-Request-ID": sent})
+
+    answered = response.headers.raw
+    (request_id,) = [v for k, v in answered if k.lower() == b"x-request-id"]
+    assert (request_id == sent) is kept
+    if not kept:
+        assert uuid.UUID(request_id.decode())
