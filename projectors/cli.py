@@ -14,6 +14,7 @@ Settings come from the `HELIX_*` environment, like every other process.
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -44,7 +45,7 @@ from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
 from shared import pii
 from shared.checkpoints import lags
 from shared.db import connect, create_engine
-from shared.errors import Conflict, HelixError
+from shared.errors import Conflict, HelixError, StoreUnavailable
 from shared.event_store import EventStore, LogPosition, RecordedEvent
 from shared.events import registry
 from shared.events.registry import EventRegistry
@@ -110,6 +111,12 @@ def _one_line_errors() -> Iterator[None]:
         yield
     except ModuleNotFoundError as exc:
         _fail(f"HELIX_DATABASE_URL names a driver that is not installed: {exc}")
+    except StoreUnavailable as exc:
+        # The server answered, but has no such database: that one can be fixed.
+        missing = re.search(r'database "[^"]*" does not exist', str(exc.__cause__))
+        if missing:
+            _fail(f"PostgreSQL: {missing.group()} (run `make setup` to create it)")
+        _fail(str(exc))
     except (HelixError, OSError, UnicodeError) as exc:
         _fail(str(exc))
     except (SQLAlchemyError, psycopg.Error) as exc:

@@ -156,6 +156,20 @@ def test_a_command_that_cannot_reach_postgres_says_so_in_one_line(
     assert result.output.strip().splitlines() == ["PostgreSQL is unavailable"]
 
 
+def test_a_database_that_does_not_exist_is_named_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = f"helix_test_missing_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("HELIX_DATABASE_URL", databases.database_url(name))
+
+    result = runner.invoke(cli.app, ["projections", "status"])
+
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f'PostgreSQL: database "{name}" does not exist (run `make setup` to create it)'
+    ]
+
+
 def test_a_database_never_set_up_is_named_with_what_to_do(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
