@@ -80,3 +80,15 @@ def test_celery_lines_are_json_lines_and_only_its_banner_is_not(written):
     assert any(line["message"].endswith(" ready.") for line in celery_lines)
     assert [line for line in lines if CELERY_OWN_FORMAT.match(line)] == []
     assert not any(" ready." in line for line in lines if not line.startswith("{"))
+
+
+def test_a_refused_sign_in_is_a_json_warning_naming_reason_and_address(written):
+    refused = [
+        line for line in parsed(written["api"]) if line["message"] == "sign-in refused"
+    ]
+
+    assert [(line["level"], line["reason"]) for line in refused] == [
+        ("warning", "unknown_account")
+    ]
+    assert refused[0]["client_address"] == "127.0.0.1"
+    assert refused[0]["request_id"]
