@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 
 from command_api import job_routes, token_routes, user_routes
 from command_api.job_commands import sweep_idempotency_keys_every
+from shared.db import name_sessions
 from shared.health import Check, postgres_check, redis_check
 from shared.logging import configure_logging
 from shared.metrics import MetricsMiddleware, add_metrics_route
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Called bare, as `uvicorn --factory` does, this is the process's start.
         settings = get_settings()
         configure_logging(settings)
+        name_sessions("command-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

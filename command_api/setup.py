@@ -7,7 +7,7 @@ from uuid import UUID
 from command_api.user_commands import CommandContext, register_user
 from shared.auth import PasswordHasher
 from shared.database_setup import create_database_if_missing, migrate
-from shared.db import connect, create_engine
+from shared.db import connect, create_engine, name_sessions
 from shared.errors import Conflict
 from shared.event_store import EventStore
 from shared.logging import configure_logging
@@ -70,6 +70,7 @@ async def seed_first_superuser(settings: Settings) -> UUID | None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
+    name_sessions("setup")
     create_database_if_missing(settings.database_url)
     migrate(settings.database_url)
     log.info("database is at the newest schema")

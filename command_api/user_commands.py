@@ -8,7 +8,7 @@ milliseconds and must not hold the account's row lock meanwhile.
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from command_api.accounts import (
@@ -52,8 +52,21 @@ from shared.users import etag_matches, normalise_email, user_stream
 log = logging.getLogger(__name__)
 
 
+RefusalReason = Literal[
+    "unknown_account", "wrong_password", "inactive", "password_too_long"
+]
+
+
 class SignInRefused(HelixError):
-    """Wrong email, wrong password or an inactive account; callers cannot tell which."""
+    """Wrong email, wrong password or an inactive account; callers cannot tell which.
+
+    `reason` and `user_id` say it to the operator, in the log: never to the client.
+    """
+
+    def __init__(self, reason: RefusalReason, user_id: UUID | None = None) -> None:
+        super().__init__("incorrect email or password")
+        self.reason = reason
+        self.user_id = user_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +367,7 @@ async def sign_in(
         )
     if credentials is None:
         await hasher.verify_unknown(password)
-        raise SignInRefused("incorrect email or password")
+        raise SignInRefused("unknown_account")
     ok, new_hash = await hasher.verify(password, credentials.password_hash)
     user_id = credentials.user_id
 
@@ -364,7 +377,7 @@ async def sign_in(
         # or an account closed while this one was verified wins.
         locked = await lock_credentials(connection, user_id)
         if locked is None:
-            raise SignInRefused("incorrect email or password")
+            raise SignInRefused("unknown_account")
         if ok and locked.password_hash != credentials.password_hash:
             # Changed meanwhile: by a password change (the password verified is
             # no longer the account's) or by another sign-in's rehash (it still
@@ -389,6 +402,6 @@ async def sign_in(
                 {"new": new_hash, "user_id": user_id, "old": credentials.password_hash},
             )
 
-    if not isinstance(event, UserSignedIn):
-        raise SignInRefused("incorrect email or password")
+    if isinstance(event, UserSignInFailed):
+        raise SignInRefused(event.reason, user_id)
     return user_id, result.last_position

@@ -12,6 +12,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from command_api.app import create_app as create_command_app
 from query_api.app import create_app as create_query_app
+from shared.db import name_sessions
 from shared.logging import configure_logging
 from shared.settings import get_settings
 
@@ -167,4 +168,5 @@ async def _no_body() -> Message:
 def create_app() -> Gateway:
     settings = get_settings()
     configure_logging(settings)
+    name_sessions("gateway")
     return Gateway(create_command_app(settings), create_query_app(settings))

@@ -7,6 +7,7 @@ import signal
 import uvloop
 
 from projectors.runner import run
+from shared.db import name_sessions
 from shared.logging import configure_logging
 from shared.settings import get_settings
 
@@ -30,4 +31,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     configure_logging(get_settings())
+    name_sessions("projectors")
     uvloop.run(main())

@@ -44,7 +44,7 @@ from projectors.projections import discover
 from projectors.rebuild import REBUILD_BATCH, TableDifference, rebuild, verify
 from shared import pii
 from shared.checkpoints import lags
-from shared.db import connect, create_engine
+from shared.db import connect, create_engine, name_sessions
 from shared.errors import Conflict, HelixError, StoreUnavailable
 from shared.event_store import EventStore, LogPosition, RecordedEvent
 from shared.events import registry
@@ -79,6 +79,7 @@ def load_registry() -> EventRegistry:
 
 def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     settings = _settings()
+    name_sessions("cli")
 
     async def main() -> T:
         engine = create_engine(settings, pool_size=POOL_SIZE)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from query_api import history_routes, job_routes, user_routes
 from query_api.job_waits import JobWaits
 from shared.checkpoints import horizon_holder, lag_check, lags, replay_lag
+from shared.db import name_sessions
 from shared.health import Check, postgres_check, rabbitmq_check, redis_check
 from shared.jobs.messaging import worker_check
 from shared.logging import configure_logging
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Called bare, as `uvicorn --factory` does, this is the process's start.
         settings = get_settings()
         configure_logging(settings)
+        name_sessions("query-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,6 +9,8 @@ from alembic.config import Config
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from shared.db import application_name
+
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +20,9 @@ def create_database_if_missing(database_url: str) -> bool:
     url = make_url(database_url)
     server = url.set(drivername="postgresql", database="postgres")
     dsn = server.render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
+    with psycopg.connect(
+        dsn, autocommit=True, connect_timeout=5, application_name=application_name()
+    ) as connection:
         exists = connection.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)
         ).fetchone()

@@ -2,7 +2,7 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import RowFactory, tuple_row
@@ -11,6 +11,27 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from shared.errors import StoreUnavailable
 from shared.settings import Settings
+
+APPLICATION = "helixnet-core"
+Component = Literal[
+    "command-api", "query-api", "gateway", "projectors", "worker", "cli", "setup"
+]
+_component: Component | None = None
+
+
+def name_sessions(component: Component) -> None:
+    """Name the PostgreSQL sessions this process opens after its component.
+
+    Called once, at process start. `pg_stat_activity`, and `/health/` when a
+    session holds back the log's read horizon, then name the component behind
+    a backend, as in `helixnet-core/projectors`.
+    """
+    global _component
+    _component = component
+
+
+def application_name() -> str:
+    return f"{APPLICATION}/{_component}" if _component else APPLICATION
 
 
 def create_engine(
@@ -61,7 +82,7 @@ def connect_options(timeout_s: float, durable: bool = True) -> dict[str, Any]:
         server.append("-c synchronous_commit=off")
     return {
         "connect_timeout": max(1, int(timeout_s)),
-        "application_name": "helixnet-core",
+        "application_name": application_name(),
         "keepalives": 1,
         "keepalives_idle": idle,
         "keepalives_interval": interval,

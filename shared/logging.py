@@ -15,7 +15,13 @@ log_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Context
     "log_context", default=None
 )
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+# Record attributes that are no fields of a line: the standard ones, and the
+# copy of its message with terminal colours that uvicorn attaches to its own.
+_NOT_FIELDS = {*vars(logging.makeLogRecord({})), "message", "color_message"}
+
+# Loggers that uvicorn gives handlers and formats of its own when it starts,
+# before it calls the app factory that configures logging.
+_SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def bind(**values: Any) -> None:
@@ -24,9 +30,7 @@ def bind(**values: Any) -> None:
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = dict(log_context.get() or {})
-    fields.update(
-        {k: v for k, v in vars(record).items() if k not in _RESERVED and k != "message"}
-    )
+    fields.update({k: v for k, v in vars(record).items() if k not in _NOT_FIELDS})
     return fields
 
 
@@ -55,6 +59,11 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def configure_logging(settings: Settings) -> None:
+    """Send every line of the process, the server's too, to one handler on stderr.
+
+    `HELIX_LOG_LEVEL` sets the level of them all: uvicorn's `--log-level` and
+    Celery's `--loglevel` are not used.
+    """
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not sys.stderr.isatty()
     )
@@ -63,3 +72,11 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    for name in _SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        # A logger left without a handler and not propagating was turned off
+        # (`--no-access-log`): it stays off.
+        if logger.handlers or logger.propagate:
+            logger.handlers.clear()
+            logger.propagate = True
+            logger.setLevel(logging.NOTSET)

@@ -6,8 +6,14 @@ from typing import Any
 from uuid import UUID
 
 from celery.exceptions import Reject
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
+from shared.db import name_sessions
 from shared.errors import Unavailable
 from shared.jobs.messaging import RUN_JOB_TASK, celery_app
 from shared.logging import configure_logging
@@ -23,6 +29,12 @@ app = celery_app(get_settings(), name="helixnet-workers", worker=True)
 @setup_logging.connect  # type: ignore[untyped-decorator]
 def _configure_logging(**_: Any) -> None:
     configure_logging(get_settings())
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _name_sessions(**_: Any) -> None:
+    # In the main process, before the pool's processes are forked from it.
+    name_sessions("worker")
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -159,6 +159,7 @@ class JobRunner:
                 ended = self._lost_run_ending(state)
                 if ended is not None:
                     if await self._try_append(session, state, ended) is not None:
+                        self._log_ending(state, state.attempts, "failed", ended, None)
                         return "failed"
                     continue
                 log.warning(
@@ -243,21 +244,12 @@ class JobRunner:
         try:
             version = await self._try_append(session, state, started, event)
         except InvalidEventData as exc:
-            failed = JobFailed(
-                attempt=started.attempt, message=f"invalid result: {exc}"
-            )
-            version = await self._try_append(session, state, started, failed)
+            event = JobFailed(attempt=started.attempt, message=f"invalid result: {exc}")
+            version = await self._try_append(session, state, started, event)
             outcome = "failed"
         if version is None:
             return None
-        log.info(
-            "job ran",
-            extra={
-                "job_id": str(state.id),
-                "attempt": started.attempt,
-                "outcome": outcome,
-            },
-        )
+        self._log_ending(state, started.attempt, outcome, event, ending.error)
         return outcome
 
     async def _watch(
@@ -321,10 +313,7 @@ class JobRunner:
             state = await self._load(job_stream(state.id), session)
             if state.terminal:
                 return "finished"
-        log.info(
-            "job attempt ended",
-            extra={"job_id": str(state.id), "attempt": attempt, "outcome": outcome},
-        )
+        self._log_ending(state, attempt, outcome, event, ending.error)
         return outcome
 
     def _decide(
@@ -354,6 +343,45 @@ class JobRunner:
             )
             return "retrying", retry
         return "failed", JobFailed(attempt=attempt, message=_message(error))
+
+    def _log_ending(
+        self,
+        state: JobState,
+        attempt: int,
+        outcome: Outcome,
+        event: DomainEvent,
+        error: BaseException | None,
+    ) -> None:
+        """One line for how an attempt ended, recorded as `event`.
+
+        A failure is a warning that says why. An exception no rule of the
+        catalog expects (not a JobError, nor in the task's `retry_on`) is a bug
+        in the handler: an error, with its traceback.
+        """
+        fields: dict[str, Any] = {
+            "job_id": str(state.id),
+            "task": state.task,
+            "attempt": attempt,
+            "outcome": outcome,
+        }
+        if isinstance(event, JobRetryScheduled):
+            fields.update(error=event.message, retry_in_s=round(event.delay_s, 3))
+            text = "job attempt failed, to be retried"
+        elif isinstance(event, JobFailed):
+            fields.update(error=event.message, kind=event.kind)
+            text = "job failed"
+        else:
+            log.info("job attempt ended", extra=fields)
+            return
+        if self._unexpected(state, error):
+            log.error(text, exc_info=error, extra=fields)
+        else:
+            log.warning(text, extra=fields)
+
+    def _unexpected(self, state: JobState, error: BaseException | None) -> bool:
+        if error is None or isinstance(error, JobError | JobInterrupted):
+            return False
+        return not self._retryable(state, error)
 
     def _retryable(self, state: JobState, error: BaseException | None) -> bool:
         if isinstance(error, RetryableJobError):

@@ -297,6 +297,117 @@ async def test_a_run_lost_past_its_timeout_fails_as_timed_out(runner, store):
     assert (state.message, state.attempts) == ("timed out after 0.2 s", 1)
 
 
+def said_about(caplog: pytest.LogCaptureFixture, job_id: uuid.UUID):
+    """What the runner logged about the job at WARNING or above."""
+    return [
+        record
+        for record in caplog.records
+        if record.name == "workers.runner"
+        and getattr(record, "job_id", None) == str(job_id)
+        and record.levelno >= logging.WARNING
+    ]
+
+
+async def test_a_failed_job_is_a_warning_naming_its_task_attempt_and_message(
+    runner, store, caplog
+):
+    job_id = await submit(store, "fail", {"message": "no such file"}, max_retries=0)
+
+    assert await runner.run(job_id) == "failed"
+
+    (line,) = said_about(caplog, job_id)
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == "job failed"
+    assert (line.task, line.attempt, line.error) == ("fail", 1, "no such file")
+    assert line.exc_info is None
+
+
+async def test_an_attempt_that_failed_and_will_be_retried_is_a_warning(
+    runner, store, caplog
+):
+    job_id = await submit(
+        store, "fail", {"message": "flaky", "retryable": True}, max_retries=1
+    )
+
+    assert await runner.run(job_id) == "retrying"
+
+    (line,) = said_about(caplog, job_id)
+    assert line.levelno == logging.WARNING
+    assert (line.outcome, line.attempt, line.error) == ("retrying", 1, "flaky")
+    assert line.retry_in_s > 0
+
+
+class Numbers(BaseModel):
+    values: list[float]
+    seconds: float = 0
+
+
+@pytest.mark.parametrize("seconds", [0, 0.3], ids=["at-once", "after-a-while"])
+async def test_a_bug_in_a_handler_is_an_error_with_its_traceback(
+    engine, store, settings, caplog, seconds
+):
+    catalog = JobCatalog()
+
+    @catalog.task("mean")
+    def mean(payload: Numbers, context: JobContext) -> dict[str, Any]:
+        context.sleep(payload.seconds)
+        return {"mean": sum(payload.values) / len(payload.values)}
+
+    runner = JobRunner(engine=engine, store=store, catalog=catalog, settings=settings)
+    job_id = await submit(store, "mean", {"values": [], "seconds": seconds})
+
+    assert await runner.run(job_id) == "failed"
+
+    (line,) = said_about(caplog, job_id)
+    assert line.levelno == logging.ERROR
+    assert (line.task, line.error) == ("mean", "ZeroDivisionError: division by zero")
+    traceback = logging.Formatter().formatException(line.exc_info)
+    assert ", in mean" in traceback
+    assert "ZeroDivisionError" in traceback
+    state = await state_of(store, job_id)
+    assert (state.status, state.message) == (
+        "FAILURE",
+        "ZeroDivisionError: division by zero",
+    )
+
+
+async def test_an_exception_the_task_retries_on_is_a_warning_not_a_bug(
+    engine, store, settings, caplog
+):
+    catalog = JobCatalog()
+
+    @catalog.task("fetch", retry_on=(ConnectionError,))
+    def fetch(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        raise ConnectionError("the source hung up")
+
+    runner = JobRunner(engine=engine, store=store, catalog=catalog, settings=settings)
+    job_id = await submit(store, "fetch", {}, max_retries=0)
+
+    assert await runner.run(job_id) == "failed"
+
+    (line,) = said_about(caplog, job_id)
+    assert line.levelno == logging.WARNING
+    assert line.error == "ConnectionError: the source hung up"
+    assert line.exc_info is None
+
+
+async def test_a_job_failed_for_its_lost_runs_is_a_warning_saying_so(
+    runner, store, caplog
+):
+    job_id = await submit(store, "echo", {})
+    await lose_runs(store, job_id, MAX_LOST_RUNS + 1)
+
+    assert await runner.run(job_id) == "failed"
+
+    (line,) = said_about(caplog, job_id)
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == "job failed"
+    assert (line.kind, line.error) == (
+        "worker_lost",
+        f"the worker running the job was lost ({MAX_LOST_RUNS + 1} times)",
+    )
+
+
 async def wait_for_status(store: EventStore, job_id: uuid.UUID, status: str):
     for _ in range(600):
         state = await state_of(store, job_id)
