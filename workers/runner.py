@@ -25,7 +25,8 @@ commit instead of two, and still nobody else could have started the job. Any
 longer, and JobStarted is appended while the handler goes on running.
 
 While the handler runs in a thread, the runner watches the job stream for a
-cancel, enforces `timeout_s`, and appends JobProgressed at most twice a second.
+cancel, enforces `timeout_s`, and appends JobProgressed at most twice a second,
+for a change of 1 % or more.
 A look at the stream that gets no answer within WATCH_READ_TIMEOUT_S (the
 database stalled) stops the handler and gives the delivery back: the session,
 and with it the lock, is abandoned, never waited on.
@@ -85,6 +86,8 @@ Outcome = Literal[
 ]
 WATCH_INTERVAL_S = 0.2
 PROGRESS_INTERVAL_S = 0.5
+# The least change of progress worth an event (1 %), unless it reaches 100 %.
+PROGRESS_STEP = 0.01
 STOP_GRACE_S = 0.5
 # A retry may be delivered a moment early (clocks, broker timers).
 EARLY_RETRY_TOLERANCE = timedelta(milliseconds=100)
@@ -264,6 +267,8 @@ class JobRunner:
         deadline = time.monotonic() + state.timeout_s
         stop_deadline: float | None = None
         last_progress = 0.0
+        recorded = state.progress
+        unrecorded: float | None = None
         while True:
             done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL_S)
             if done:
@@ -286,10 +291,16 @@ class JobRunner:
             if now - last_progress < PROGRESS_INTERVAL_S:
                 # Too soon to record: what was reported waits for the next turn.
                 continue
-            progress = context.take_progress()
-            if progress is not None:
-                last_progress = now
-                event = JobProgressed(attempt=state.attempts, progress=progress)
+            reported = context.take_progress()
+            if reported is not None:
+                unrecorded = reported
+            if unrecorded is not None and (
+                abs(unrecorded - recorded) >= PROGRESS_STEP or unrecorded >= 1.0
+            ):
+                # Steps too small to show wait until they add up: the log keeps
+                # every event for good, and an hour's job would leave thousands.
+                last_progress, recorded, unrecorded = now, unrecorded, None
+                event = JobProgressed(attempt=state.attempts, progress=recorded)
                 await self._try_append(session, state, event)
 
         if future.done() and not (ending.cancelled or ending.timed_out):

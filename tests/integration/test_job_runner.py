@@ -472,3 +472,26 @@ async def test_a_run_whose_store_stops_answering_stops_its_handler_and_gives_up(
             break
         await asyncio.sleep(0.1)
     assert outcome == "succeeded"
+
+
+async def test_progress_is_recorded_in_steps_worth_showing(engine, store, settings):
+    catalog = JobCatalog()
+
+    @catalog.task("creep")
+    def creep(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        # 0.5 % in all, in a thousand reports over 2 s; then 3 % at once.
+        for i in range(1, 1001):
+            context.progress(i * 0.000005)
+            context.sleep(0.002)
+        context.progress(0.035)
+        context.sleep(1.2)
+        return {}
+
+    runner = JobRunner(engine=engine, store=store, catalog=catalog, settings=settings)
+    job_id = await submit(store, "creep", {})
+
+    assert await runner.run(job_id) == "succeeded"
+
+    events = await store.read_stream(job_stream(job_id))
+    progress = [e.data["progress"] for e in events if e.type == "JobProgressed"]
+    assert progress == [0.035]
