@@ -71,12 +71,17 @@ def connect_options(timeout_s: float, durable: bool = True) -> dict[str, Any]:
     closing it (a host lost, a network cut) is noticed within about a minute:
     the client reconnects, and the server ends the session and releases what it
     held (the relay's advisory lock, a running job's lock), so others take over.
+    Data sent and not acknowledged within that minute (a link that drops every
+    packet while the connection is busy, where probes never start) ends the
+    connection too: TCP_USER_TIMEOUT, at both ends.
     """
     idle, interval, count = KEEPALIVE
+    unacknowledged_ms = (idle + interval * count) * 1000
     server = [
         f"-c tcp_keepalives_idle={idle}",
         f"-c tcp_keepalives_interval={interval}",
         f"-c tcp_keepalives_count={count}",
+        f"-c tcp_user_timeout={unacknowledged_ms}",
     ]
     if not durable:
         server.append("-c synchronous_commit=off")
@@ -87,6 +92,7 @@ def connect_options(timeout_s: float, durable: bool = True) -> dict[str, Any]:
         "keepalives_idle": idle,
         "keepalives_interval": interval,
         "keepalives_count": count,
+        "tcp_user_timeout": unacknowledged_ms,
         "options": " ".join(server),
     }
 

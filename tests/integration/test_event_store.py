@@ -251,7 +251,10 @@ async def test_both_ends_probe_an_idle_connection(engine, settings):
     async with direct:
         cursor = await direct.execute("SHOW tcp_keepalives_count")
         assert await cursor.fetchone() == ("3",)
+        cursor = await direct.execute("SHOW tcp_user_timeout")
+        assert await cursor.fetchone() == ("60000",)
         assert direct.info.get_parameters()["keepalives_idle"] == "30"
+        assert direct.info.get_parameters()["tcp_user_timeout"] == "60000"
 
 
 async def test_a_failed_statement_never_shows_its_values(engine):
