@@ -19,15 +19,18 @@ queue did not exist yet when the relay published it) is dispatched all the same.
 Once a minute it also looks for jobs whose task message was lost after it was
 sent (a purged queue, a broker that lost its disk): PENDING, STARTED or due for a
 retry for `settings.job_redispatch_after_s`, no worker holding the job's lock,
-and nothing waiting in the jobs queue. Those are sent again; a job that turns out
-to be running or finished after all makes the second delivery a no-op.
+and nothing waiting in the jobs queue; or STARTED for ORPHANED_AFTER_S with no
+worker holding its lock, whatever the queue holds (a run that was lost, whose
+delivery given back found the lock still held and was dropped). Those are sent
+again; a job that turns out to be running or finished after all makes the second
+delivery a no-op.
 
 In the same look it ends hung runs. A worker that holds a job's lock
 HUNG_AFTER_S past the job's timeout, or that long after a cancel, is not running
 it any more: it stopped (SIGSTOP, a frozen VM) or its link stalls, with its
 session still open, so the lock never goes by itself. Its database session is
-terminated, which frees the lock, and the job's task is sent again; the next run
-ends the job as timed out or cancelled.
+terminated, which frees the lock, and the job's task is sent again: the next
+delivery cancels the job, or runs it again as a lost run.
 """
 
 import asyncio
@@ -82,8 +85,13 @@ _STALE_JOBS = f"""
 SELECT j.id FROM job_statuses j
 CROSS JOIN LATERAL (SELECT {job_lock_key("'job-' || j.id::text")} AS k) lock
 WHERE (
-        (j.status IN ('PENDING', 'STARTED') AND j.updated_at < now() - %(after)s)
-     OR (j.status = 'RETRY' AND j.retry_at < now() - %(after)s)
+        (%(nothing_waiting)s AND j.status = 'PENDING'
+         AND j.updated_at < now() - %(after)s)
+     OR (%(nothing_waiting)s AND j.status = 'RETRY'
+         AND j.retry_at < now() - %(after)s)
+        -- STARTED with nobody holding its lock: running nowhere, whatever the
+        -- queue holds (a delivery given back may have been dropped as busy).
+     OR (j.status = 'STARTED' AND j.updated_at < now() - %(orphaned_after)s)
       )
   AND NOT EXISTS (
       SELECT 1 FROM pg_locks l
@@ -113,13 +121,22 @@ WITH hung AS (
     WHERE j.status = 'STARTED'
       AND (j.started_at + make_interval(secs => j.timeout_s) < now() - %(after)s
            OR (j.cancel_requested AND j.updated_at < now() - %(after)s))
+      -- The read model may lag: only a row the log still agrees with, or a
+      -- later, healthy attempt would lose its session.
+      AND j.version = (SELECT max(e.version) FROM events e
+                       WHERE e.stream_id = 'job-' || j.id::text)
       AND pg_try_advisory_xact_lock(%(sweep_key)s)
     ORDER BY j.started_at
     LIMIT %(limit)s
 )
-SELECT id, pid, pg_terminate_backend(pid, 5000) FROM hung
+SELECT id, pid FROM (
+    SELECT id, pid, pg_terminate_backend(pid, 5000) AS ended FROM hung
+) terminated
+WHERE ended
 """
 HUNG_AFTER_S = 60.0
+# A STARTED job whose lock nobody holds this long is sent again.
+ORPHANED_AFTER_S = 30.0
 
 
 def queue_name(settings: Settings) -> str:
@@ -269,17 +286,26 @@ class Dispatcher:
     async def redispatch_lost(self) -> int:
         """Send again the tasks of jobs that lost theirs, and of hung runs once
         ended; how many were sent."""
-        # While tasks wait in the queue, theirs may well be among them.
-        lost = [] if await self.sender.waiting() else await self._lost_tasks()
+        # While tasks wait in the queue, those of PENDING and RETRY jobs may
+        # well be among them.
+        nothing_waiting = not await self.sender.waiting()
+        lost = await self._lost_tasks(nothing_waiting=nothing_waiting)
+        await self._send_again(lost)
         # After: a hung run's job is locked until now, so it is not among those.
-        hung = await self.end_hung_runs()
-        await self._send_again(lost + hung)
+        try:
+            hung = await self.end_hung_runs()
+        except Exception:
+            log.exception("looking for hung job runs failed")
+            hung = []
+        await self._send_again(hung)
         return len(lost) + len(hung)
 
-    async def _lost_tasks(self) -> list[str]:
+    async def _lost_tasks(self, *, nothing_waiting: bool) -> list[str]:
         """The jobs whose task message seems lost."""
         params = {
             "after": timedelta(seconds=self.settings.job_redispatch_after_s),
+            "orphaned_after": timedelta(seconds=ORPHANED_AFTER_S),
+            "nothing_waiting": nothing_waiting,
             "sweep_key": REDISPATCH_LOCK_KEY,
             "limit": REDISPATCH_LIMIT,
         }

@@ -12,6 +12,7 @@ projectors write through the same functions.
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -270,29 +271,43 @@ async def horizon_holder(engine: AsyncEngine) -> HorizonHolder | None:
     return HorizonHolder(*row) if row else None
 
 
-# Seconds behind its primary, from the commit time of the last transaction
-# replayed; 0 once it has replayed all it received; NULL on a primary.
-_REPLAY_LAG = """
-SELECT CASE
-    WHEN NOT pg_is_in_recovery() THEN NULL
-    WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-    ELSE coalesce(
-        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
-        'infinity'
-    )
-END
+# On a hot standby: whether it streams from its primary, what it received and
+# has replayed, and how long ago the last transaction it replayed committed.
+_REPLAY_STATE = """
+SELECT pg_is_in_recovery(),
+       EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'),
+       pg_last_wal_receive_lsn()::text,
+       pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(),
+       extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
 """
+_REPLAYED = "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn"
+# How long replay gets to reach what was received, before it counts as behind.
+REPLAY_SETTLE_S = 0.2
 
 
 async def replay_lag(engine: AsyncEngine) -> float | None:
-    """How far a hot standby's data trails its primary, in seconds; None on a primary.
+    """How far a hot standby's data may trail its primary, in seconds; None on
+    a primary.
 
-    The lag of the consumers says nothing of it: on a standby, the log and the
-    checkpoints trail together.
+    Streaming and keeping up with what it receives, it trails by nothing worth
+    counting. Otherwise (replay falling behind, or cut off from its primary) it
+    trails by at most the age of the last transaction it replayed, which is
+    what counts. The lag of the consumers says nothing of it: on a standby, the
+    log and the checkpoints trail together.
     """
     async with connect(engine) as connection:
-        lag = (await connection.exec_driver_sql(_REPLAY_LAG)).scalar_one()
-    return None if lag is None else max(0.0, float(lag))
+        row: Any = (await connection.exec_driver_sql(_REPLAY_STATE)).one()
+        standby, streaming, received, caught_up, since_replay = row
+        if not standby:
+            return None
+        if streaming and not caught_up:
+            # Replay may just be busy with what arrived a moment ago.
+            await asyncio.sleep(REPLAY_SETTLE_S)
+            result = await connection.exec_driver_sql(_REPLAYED, (received,))
+            caught_up = result.scalar_one()
+        if streaming and caught_up:
+            return 0.0
+    return math.inf if since_replay is None else max(0.0, float(since_replay))
 
 
 def lag_check(
@@ -321,7 +336,8 @@ def lag_check(
         standby_lag = await replay_lag(engine)
         if standby_lag is not None and standby_lag > max_lag_s:
             problems.append(
-                f"this hot standby is {standby_lag:.0f} s behind its primary"
+                f"this hot standby may be {standby_lag:.0f} s behind its primary"
+                " (it has replayed nothing newer, and is not keeping up)"
             )
         if problems:
             raise RuntimeError("; ".join(problems))

@@ -22,10 +22,32 @@ import psycopg
 from tests.stack import free_port
 
 
+def _bin_dir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
+    return Path(found[-1]).parent
+
+
+def _as_owner(command: list[str]) -> list[str]:
+    return (
+        ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+    )
+
+
 @dataclass(frozen=True)
 class Pair:
+    root: Path
     primary_port: int
     standby_port: int
+
+    @property
+    def primary_dir(self) -> Path:
+        return self.root / "primary"
+
+    @property
+    def standby_dir(self) -> Path:
+        return self.root / "standby"
 
     def url(self, port: int, database: str = "helix") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
@@ -54,32 +76,16 @@ class Pair:
             finally:
                 connection.execute("SELECT pg_wal_replay_resume()")
 
+    @contextmanager
+    def primary_stopped(self) -> Iterator[None]:
+        """The primary is down (the standby cut off from it), then back."""
+        self.stop(self.primary_dir)
+        try:
+            yield
+        finally:
+            self.start(self.primary_dir, self.primary_port)
 
-def _bin_dir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
-    return Path(found[-1]).parent
-
-
-def _as_owner(command: list[str]) -> list[str]:
-    return (
-        ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-    )
-
-
-@contextmanager
-def hot_standby_pair(database: str = "helix") -> Iterator[Pair]:
-    """Start a primary with `database` and a hot standby of it; stop both after."""
-    bin_dir = _bin_dir()
-    root = Path(tempfile.mkdtemp(prefix="helix-standby-"))
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-    pair = Pair(free_port(), free_port())
-    primary, standby = root / "primary", root / "standby"
-
-    def run(*command: str | Path) -> None:
+    def run(self, *command: str | Path) -> None:
         subprocess.run(
             _as_owner([str(part) for part in command]),
             check=True,
@@ -87,47 +93,65 @@ def hot_standby_pair(database: str = "helix") -> Iterator[Pair]:
             timeout=120,
         )
 
-    def start(data: Path, port: int) -> None:
+    def start(self, data: Path, port: int) -> None:
         # Throwaway clusters: nothing they hold needs to survive a crash.
-        options = f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off"
-        run(
-            *(bin_dir / "pg_ctl", "-D", data, "-l", f"{data}.log", "-w", "-t", "60"),
+        options = f"-p {port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        self.run(
+            *(_bin_dir() / "pg_ctl", "-D", data, "-l", f"{data}.log", "-w", "-t", "60"),
             *("-o", options, "start"),
         )
 
-    started: list[Path] = []
+    def stop(self, data: Path) -> None:
+        self.run(_bin_dir() / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+
+
+@contextmanager
+def hot_standby_pair(database: str = "helix") -> Iterator[Pair]:
+    """Start a primary with `database` and a hot standby of it; stop both after."""
+    root = Path(tempfile.mkdtemp(prefix="helix-standby-"))
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+    pair = Pair(root, free_port(), free_port())
     try:
-        run(bin_dir / "initdb", "-A", "trust", "-U", "postgres", "-D", primary)
-        with open(primary / "pg_hba.conf", "a") as hba:
+        pair.run(
+            _bin_dir() / "initdb",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-D",
+            pair.primary_dir,
+        )
+        with open(pair.primary_dir / "pg_hba.conf", "a") as hba:
             hba.write("host replication all 127.0.0.1/32 trust\n")
-        start(primary, pair.primary_port)
-        started.append(primary)
+        pair.start(pair.primary_dir, pair.primary_port)
         with psycopg.connect(
             pair.dsn(pair.primary_port, "postgres"), autocommit=True
         ) as admin:
             admin.execute(f'CREATE DATABASE "{database}"')
-        run(
-            bin_dir / "pg_basebackup",
+        pair.run(
+            _bin_dir() / "pg_basebackup",
             *("-h", "127.0.0.1", "-p", str(pair.primary_port), "-U", "postgres"),
-            *("-D", standby, "-R", "-X", "stream", "--checkpoint", "fast"),
+            *("-D", pair.standby_dir, "-R", "-X", "stream", "--checkpoint", "fast"),
         )
-        start(standby, pair.standby_port)
-        started.append(standby)
+        pair.start(pair.standby_dir, pair.standby_port)
         yield pair
     finally:
-        for data in reversed(started):
-            subprocess.run(
-                _as_owner(
-                    [
-                        str(bin_dir / "pg_ctl"),
-                        "-D",
-                        str(data),
-                        "-m",
-                        "immediate",
-                        "stop",
-                    ]
-                ),
-                capture_output=True,
-                timeout=60,
-            )
+        for data in (pair.standby_dir, pair.primary_dir):
+            if (data / "postmaster.pid").exists():
+                subprocess.run(
+                    _as_owner(
+                        [
+                            str(_bin_dir() / "pg_ctl"),
+                            "-D",
+                            str(data),
+                            "-m",
+                            "immediate",
+                            "stop",
+                        ]
+                    ),
+                    capture_output=True,
+                    timeout=60,
+                )
         shutil.rmtree(root, ignore_errors=True)

@@ -13,11 +13,10 @@ writes without holding the lock:
 - PENDING, or RETRY and due: append JobStarted with the stream's version (so a
   racing cancel or a second delivery loses cleanly), then run;
 - STARTED although the lock was free: the run was lost (its worker died, or
-  lost its session, which freed the lock). Past the run's timeout, the job has
-  timed out. Otherwise this delivery takes over as a new attempt: a lost run is
-  the platform's failure, not the job's, so it spends none of `max_retries`, but
-  a job whose runs are lost more than MAX_LOST_RUNS times (one that kills its
-  worker, say) fails.
+  lost its session, which freed the lock). This delivery takes over as a new
+  attempt: a lost run is the platform's failure, not the job's, so it spends
+  none of `max_retries`, but a job whose runs are lost more than MAX_LOST_RUNS
+  times (one that kills its worker, say) fails.
 
 A handler that is done within QUICK_S (echo, a checksum) gets its JobStarted and
 its terminal event in one append, at the version the decision was made on: one
@@ -176,12 +175,8 @@ class JobRunner:
         raise WrongExpectedVersion(stream, None, -1)
 
     def _lost_run_ending(self, state: JobState) -> JobFailed | None:
-        """How a job whose run was lost ends, or None if it is run again."""
-        assert state.started_at is not None
-        deadline = state.started_at + timedelta(seconds=state.timeout_s)
-        if datetime.now(UTC) >= deadline:
-            message = f"timed out after {state.timeout_s:g} s"
-            return JobFailed(attempt=state.attempts, message=message, kind="timeout")
+        """How a job whose run was lost ends, or None if it is run again (with
+        a timeout of its own, however long ago the lost run started)."""
         lost = state.lost_runs + 1
         if lost > MAX_LOST_RUNS:
             message = f"the worker running the job was lost ({lost} times)"

@@ -121,11 +121,13 @@ class JobState:
 
     def started(self, attempt: int, **changes: Any) -> "JobState":
         """This state once run `attempt` has started, before its JobStarted is
-        read back."""
+        read back (so without its time)."""
         return replace(
             self,
             status="STARTED",
             attempts=attempt,
+            progress=0.0,
+            retry_at=None,
             history=(*self.history, "JobStarted"),
             **changes,
         )

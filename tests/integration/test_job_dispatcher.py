@@ -24,6 +24,7 @@ from shared.events.job import (
     JobStarted,
     JobSubmitted,
 )
+from shared.events.registry import DomainEvent
 from shared.jobs.messaging import DISPATCHER, RUN_JOB_TASK
 from shared.jobs.state import job_lock_key, job_stream
 
@@ -195,9 +196,14 @@ async def test_the_dispatchers_lag_counts_only_the_events_it_dispatches(store, e
     assert lag.events == 1
 
 
-async def stale_job(store: EventStore, engine) -> uuid.UUID:
-    """A job the jobs projection shows PENDING for an hour: its task is lost."""
+async def stale_job(store: EventStore, engine, *then: DomainEvent) -> uuid.UUID:
+    """A job the jobs projection shows unchanged for an hour (PENDING, or as
+    the events `then` leave it): its task is lost."""
     job_id = await submit(store)
+    if then:
+        await store.append(
+            job_stream(job_id), list(then), expected_version=1, metadata=META
+        )
     await ensure_created(engine, [jobs_projection])
     await catch_up(engine, jobs_projection, store=store)
     async with engine.begin() as connection:
@@ -257,6 +263,28 @@ async def test_nothing_is_sent_again_while_tasks_wait_in_the_queue(
                 await asyncio.sleep(0.05)
 
         assert await dispatcher.redispatch_lost() == 0
+    finally:
+        connection = await aio_pika.connect(settings.rabbitmq_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(settings.jobs_queue)
+
+
+async def test_a_started_job_no_one_runs_is_sent_again_whatever_waits(
+    store, engine, settings, dispatcher
+):
+    # Its run was lost, and the delivery given back was dropped as a duplicate.
+    await stale_job(store, engine, JobStarted(attempt=1, worker="gone/1"))
+    try:
+        # Nobody consumes the jobs queue: the first task waits there.
+        async with asyncio.timeout(30):
+            while True:
+                if await dispatcher.sender.waiting():
+                    break
+                await asyncio.sleep(0.05)
+
+        assert await dispatcher.redispatch_lost() == 1
+        assert await dispatcher.sender.waiting() == 2
     finally:
         connection = await aio_pika.connect(settings.rabbitmq_url)
         async with connection:
@@ -329,3 +357,32 @@ async def test_a_run_within_its_time_keeps_its_session(
     async with job_lock_held(settings, job_id) as running:
         assert await dispatcher.end_hung_runs() == []
         await running.execute("SELECT 1")
+
+
+async def test_a_later_attempt_the_read_model_has_not_seen_keeps_its_session(
+    store, engine, settings, tasks, dispatcher
+):
+    # The read model shows attempt 1 started an hour ago; the log has moved on
+    # to a retry and a second attempt, whose worker holds the lock.
+    job_id = await stale_job(store, engine, JobStarted(attempt=1, worker="w/1"))
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(
+            "UPDATE job_statuses SET started_at = now() - interval '1 hour'"
+            " WHERE id = %s",
+            (job_id,),
+        )
+    retry_at = datetime.now(UTC)
+    await store.append(
+        job_stream(job_id),
+        [
+            JobRetryScheduled(
+                attempt=1, message="flaky", delay_s=0.0, retry_at=retry_at
+            ),
+            JobStarted(attempt=2, worker="w/2"),
+        ],
+        expected_version=2,
+        metadata=META,
+    )
+    async with job_lock_held(settings, job_id) as healthy:
+        assert await dispatcher.end_hung_runs() == []
+        await healthy.execute("SELECT 1")

@@ -15,7 +15,12 @@ from sqlalchemy.engine import make_url
 
 from shared.db import create_engine
 from shared.event_store import NO_STREAM, EventMetadata, EventStore
-from shared.events.job import JobCancelRequested, JobStarted, JobSubmitted
+from shared.events.job import (
+    JobCancelRequested,
+    JobProgressed,
+    JobStarted,
+    JobSubmitted,
+)
 from shared.jobs import JobCatalog, JobContext, load_catalog
 from shared.jobs.state import JobState, job_stream
 from shared.settings import Settings
@@ -286,15 +291,18 @@ async def test_a_job_whose_runs_are_lost_again_and_again_fails_saying_so(runner,
     )
 
 
-async def test_a_run_lost_past_its_timeout_fails_as_timed_out(runner, store):
-    job_id = await submit(store, "echo", {}, timeout_s=0.2)
+async def test_a_run_lost_long_ago_is_run_again_with_a_timeout_of_its_own(
+    runner, store
+):
+    # All workers were down for longer than the job may run.
+    job_id = await submit(store, "echo", {"x": 1}, timeout_s=0.2)
     await lose_runs(store, job_id, 1)
     await asyncio.sleep(0.3)
 
-    assert await runner.run(job_id) == "failed"
+    assert await runner.run(job_id) == "succeeded"
 
     state = await state_of(store, job_id)
-    assert (state.message, state.attempts) == ("timed out after 0.2 s", 1)
+    assert (state.status, state.attempts) == ("SUCCESS", 2)
 
 
 def said_about(caplog: pytest.LogCaptureFixture, job_id: uuid.UUID):
@@ -495,3 +503,32 @@ async def test_progress_is_recorded_in_steps_worth_showing(engine, store, settin
     events = await store.read_stream(job_stream(job_id))
     progress = [e.data["progress"] for e in events if e.type == "JobProgressed"]
     assert progress == [0.035]
+
+
+async def test_a_new_attempt_records_its_progress_from_zero(engine, store, settings):
+    catalog = JobCatalog()
+
+    @catalog.task("half_way")
+    def half_way(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        context.progress(0.5)
+        context.sleep(1.2)
+        return {}
+
+    job_id = await submit(store, "half_way", {})
+    # A first run got half way, then its worker was lost.
+    await store.append(
+        job_stream(job_id),
+        [
+            JobStarted(attempt=1, worker="gone/1"),
+            JobProgressed(attempt=1, progress=0.5),
+        ],
+        expected_version=1,
+        metadata=META,
+    )
+    runner = JobRunner(engine=engine, store=store, catalog=catalog, settings=settings)
+
+    assert await runner.run(job_id) == "succeeded"
+
+    events = await store.read_stream(job_stream(job_id))
+    second = [e.data["progress"] for e in events[3:] if e.type == "JobProgressed"]
+    assert second == [0.5]
