@@ -8,8 +8,9 @@ never reads a table that does not yet show its own write:
 
     @router.get("/users/{user_id}", dependencies=[Depends(consistent_read("users"))])
 
-Naming no projection waits for the log itself: for routes that read `events`
-below the read horizon, as the audit does.
+Naming no projection waits for the log itself: until the event is below the
+read horizon for routes that read across streams (the audit), or only until it
+is there for those that read one stream (`horizon=False`).
 """
 
 import logging
@@ -29,7 +30,9 @@ POSITION_HEADER = "Helix-Position"
 RETRY_AFTER_S = 1
 
 
-def consistent_read(*projections: str) -> Callable[..., Awaitable[None]]:
+def consistent_read(
+    *projections: str, horizon: bool = True
+) -> Callable[..., Awaitable[None]]:
     """A dependency that waits for `projections` (none: the log's readers) to
     reach the request's position."""
 
@@ -59,6 +62,7 @@ def consistent_read(*projections: str) -> Callable[..., Awaitable[None]]:
                 projections,
                 int(text),
                 timeout_s=state.settings.read_your_writes_timeout_s,
+                horizon=horizon,
             )
         except ValidationFailed as exc:
             raise validation_error(("header", POSITION_HEADER), str(exc)) from None

@@ -33,5 +33,7 @@ CurrentUser = Annotated[Principal, Depends(_current_user)]
 Superuser = Annotated[Principal, Depends(_superuser)]
 # Read-your-writes on the users projection: waits for a sent Helix-Position.
 UsersFresh = Annotated[None, Depends(consistent_read("users"))]
-# Read-your-writes on the log itself (the histories and the audit).
+# Read-your-writes on the log itself: the audit, read below the read horizon,
+# and one stream's history, which shows an event once it is there.
 LogFresh = Annotated[None, Depends(consistent_read())]
+StreamFresh = Annotated[None, Depends(consistent_read(horizon=False))]

@@ -2,8 +2,9 @@
 
 These read the `events` table, not a projection. A stream's history shows a
 command's events as soon as they commit; the audit, read below the log's read
-horizon, may trail for a moment, and a `Helix-Position` sent with either waits
-for it. Pages are cursored by the global position of the last item (`after` /
+horizon, may trail for a moment. A `Helix-Position` sent with either waits until
+they show it (for a history, until the event is there: on a standby, replayed).
+Pages are cursored by the global position of the last item (`after` /
 `next_after`). Personal data inside user events is decrypted with the user's key,
 or shown as erased.
 
@@ -21,7 +22,13 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from query_api.dependencies import CurrentUser, Engine, LogFresh, Superuser
+from query_api.dependencies import (
+    CurrentUser,
+    Engine,
+    LogFresh,
+    StreamFresh,
+    Superuser,
+)
 from shared import pii
 from shared.db import connect
 from shared.errors import UnknownEventType
@@ -137,7 +144,7 @@ async def user_history(
     user_id: UUID,
     engine: Engine,
     principal: CurrentUser,
-    fresh: LogFresh,
+    fresh: StreamFresh,
     after: After = 0,
     limit: Limit = DEFAULT_PAGE,
 ) -> HistoryPage:
@@ -168,7 +175,7 @@ async def job_history(
     job_id: UUID,
     engine: Engine,
     principal: CurrentUser,
-    fresh: LogFresh,
+    fresh: StreamFresh,
     after: After = 0,
     limit: Limit = DEFAULT_PAGE,
 ) -> HistoryPage:

@@ -174,13 +174,20 @@ _BELOW_HORIZON = "SELECT %(xid)s::text::xid8 < pg_snapshot_xmin(pg_current_snaps
 
 
 async def processed(
-    connection: AsyncConnection, names: Sequence[str], position: LogPosition
+    connection: AsyncConnection,
+    names: Sequence[str],
+    position: LogPosition,
+    *,
+    horizon: bool = True,
 ) -> bool:
     """Whether every projection in `names` reflects all events up to `position`.
 
-    With no names, whether readers of the log itself (the audit) see the event
-    at `position`: once it is below the read horizon.
+    With no names, whether readers of the log itself see the event at
+    `position`: at once if they read one stream (`horizon` false), once it is
+    below the read horizon if they read across streams (the audit).
     """
+    if not names and not horizon:
+        return True
     if not names:
         below = await connection.exec_driver_sql(
             _BELOW_HORIZON, {"xid": str(position.transaction_id)}
@@ -203,9 +210,10 @@ async def wait_until_processed(
     timeout_s: float,
     poll_s: float = 0.01,
     max_poll_s: float = 0.1,
+    horizon: bool = True,
 ) -> bool:
-    """Wait until the projections `names` (none: the log's readers) have
-    processed global `position`.
+    """Wait until the projections `names` (none: the log's readers, see
+    `processed`) have processed global `position`.
 
     Returns False if they have not within `timeout_s`. A position not in the log
     (yet: a replica may lag its primary) counts as not processed; one the log had
@@ -222,7 +230,9 @@ async def wait_until_processed(
                     await connection.exec_driver_sql(_LOCATE, (position,))
                 ).first()
                 located = LogPosition(row[0], position) if row else None
-            if located is not None and await processed(connection, names, located):
+            if located is not None and await processed(
+                connection, names, located, horizon=horizon
+            ):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -405,3 +405,28 @@ async def test_the_history_of_no_user_is_404_on_every_page(
             url, params={"after": after}, headers=people.headers("superuser")
         )
         assert response.status_code == 404, (after, response.text)
+
+
+async def test_a_history_with_a_helix_position_does_not_wait_for_the_horizon(
+    client: httpx.AsyncClient, people: People, engine: AsyncEngine
+) -> None:
+    a = people.a["id"]
+    async with engine.connect() as holder:
+        # Open for the whole read: the audit could not show what follows.
+        await holder.exec_driver_sql("SELECT pg_current_xact_id()")
+        patched = await client.patch(
+            f"/api/v1/users/{a}",
+            json={"full_name": "At once"},
+            headers=people.headers("user A"),
+        )
+        history = await client.get(
+            f"/api/v1/users/{a}/history",
+            headers={
+                **people.headers("user A"),
+                "Helix-Position": patched.headers["Helix-Position"],
+            },
+        )
+        await holder.rollback()
+
+    assert history.status_code == 200, history.text
+    assert history.json()["items"][-1]["data"] == {"full_name": "At once"}
