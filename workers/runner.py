@@ -272,6 +272,7 @@ class JobRunner:
             if stop_deadline is not None:
                 if now >= stop_deadline:
                     # The handler ignores its stop; its result will be ignored too.
+                    self._abandon_handler(state)
                     break
                 continue
             state = await self._refresh_within(session, state)
@@ -302,6 +303,18 @@ class JobRunner:
             ending = _ended(future)
 
         return ending, state
+
+    def _abandon_handler(self, state: JobState) -> None:
+        """Leave a handler that ignored its stop to its thread, and give later
+        jobs threads of their own: queued behind it, they would time out
+        without ever having run."""
+        log.warning(
+            "job handler ignored its stop; its thread is left running",
+            extra={"job_id": str(state.id), "task": state.task},
+        )
+        abandoned = self.executor
+        self.executor = ThreadPoolExecutor(thread_name_prefix="job")
+        abandoned.shutdown(wait=False)
 
     async def _finish(
         self, session: AsyncConnection, state: JobState, attempt: int, ending: _Ending

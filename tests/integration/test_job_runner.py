@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -532,3 +533,32 @@ async def test_a_new_attempt_records_its_progress_from_zero(engine, store, setti
     events = await store.read_stream(job_stream(job_id))
     second = [e.data["progress"] for e in events[3:] if e.type == "JobProgressed"]
     assert second == [0.5]
+
+
+async def test_a_handler_that_ignores_its_stop_does_not_hold_up_later_jobs(
+    engine, store, settings, caplog
+):
+    catalog = JobCatalog()
+
+    @catalog.task("stubborn")
+    def stubborn(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        time.sleep(3)  # never looks at its context
+        return {}
+
+    @catalog.task("quick")
+    def quick(payload: NoPayload, context: JobContext) -> dict[str, Any]:
+        return {"done": True}
+
+    runner = JobRunner(
+        engine=engine,
+        store=store,
+        catalog=catalog,
+        settings=settings,
+        executor=ThreadPoolExecutor(max_workers=1),
+    )
+    stuck = await submit(store, "stubborn", {}, timeout_s=0.2)
+    later = await submit(store, "quick", {}, timeout_s=1)
+
+    assert await runner.run(stuck) == "failed"
+    assert await runner.run(later) == "succeeded"
+    assert "job handler ignored its stop" in caplog.text
