@@ -62,15 +62,13 @@ def problems(value: Any) -> Iterator[tuple[tuple[str | int, ...], str]]:
     RecursionError.
     """
     text = json_text(value)
+    yield from _too_deep(value, text)
     if text is not None and "\\u0000" not in text:
-        yield from _too_deep(value, text)
         return
     pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
     while pending:
         path, item = pending.pop()
-        if len(path) >= MAX_DEPTH and isinstance(item, dict | list):
-            yield path[:1], _DEEPER
-        elif isinstance(item, str):
+        if isinstance(item, str):
             problem = text_problem(item)
             if problem is not None:
                 yield path, f"the text {problem}"
@@ -116,13 +114,16 @@ def json_text(value: Any) -> str | None:
     return text
 
 
-def _too_deep(value: Any, text: str) -> Iterator[tuple[tuple[str | int, ...], str]]:
-    """Where `value`, whose JSON text is `text`, nests deeper than MAX_DEPTH.
+def _too_deep(
+    value: Any, text: str | None
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Where `value`, whose JSON text is `text` (None if it has none), nests
+    deeper than MAX_DEPTH.
 
     A document with no more brackets than that cannot (counting them is C
     code); only the containers of the others are walked.
     """
-    if text.count("{") + text.count("[") <= MAX_DEPTH:
+    if text is not None and text.count("{") + text.count("[") <= MAX_DEPTH:
         return
     pending: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
     while pending:
