@@ -78,12 +78,22 @@ POOL_SIZE = 2
 # Any fixed number: one process at a time looks for lost tasks.
 REDISPATCH_LOCK_KEY = 0x48454C4958524544  # "HELIXRED"
 
+# The key of row j's job lock (`lock.k`), and the condition that pg_locks row l
+# is that lock: pg_locks shows a bigint key split in two halves, objsubid 1.
+_JOB_STREAM = "'job-' || j.id::text"
+_JOB_LOCK = f"CROSS JOIN LATERAL (SELECT {job_lock_key(_JOB_STREAM)} AS k) lock"
+_HOLDS_JOB_LOCK = """(
+    l.locktype = 'advisory' AND l.objsubid = 1
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND l.classid = ((lock.k >> 32) & 4294967295)::text::oid
+    AND l.objid = (lock.k & 4294967295)::text::oid
+)"""
+
 # Jobs that should have a task message somewhere and show no sign of one. The
-# worker holds the job's advisory lock while it runs it; pg_locks shows a bigint
-# key split in two halves, objsubid 1.
+# worker holds the job's advisory lock while it runs it.
 _STALE_JOBS = f"""
 SELECT j.id FROM job_statuses j
-CROSS JOIN LATERAL (SELECT {job_lock_key("'job-' || j.id::text")} AS k) lock
+{_JOB_LOCK}
 WHERE (
         (%(nothing_waiting)s AND j.status = 'PENDING'
          AND j.updated_at < now() - %(after)s)
@@ -93,13 +103,7 @@ WHERE (
         -- queue holds (a delivery given back may have been dropped as busy).
      OR (j.status = 'STARTED' AND j.updated_at < now() - %(orphaned_after)s)
       )
-  AND NOT EXISTS (
-      SELECT 1 FROM pg_locks l
-      WHERE l.locktype = 'advisory' AND l.objsubid = 1
-        AND l.database = (SELECT oid FROM pg_database
-                          WHERE datname = current_database())
-        AND l.classid = ((lock.k >> 32) & 4294967295)::text::oid
-        AND l.objid = (lock.k & 4294967295)::text::oid)
+  AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE {_HOLDS_JOB_LOCK})
   AND pg_try_advisory_xact_lock(%(sweep_key)s)
 ORDER BY j.updated_at
 LIMIT %(limit)s
@@ -111,20 +115,15 @@ LIMIT %(limit)s
 _HUNG_RUNS = f"""
 WITH hung AS (
     SELECT j.id, l.pid FROM job_statuses j
-    CROSS JOIN LATERAL (SELECT {job_lock_key("'job-' || j.id::text")} AS k) lock
-    JOIN pg_locks l
-      ON l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
-     AND l.database = (SELECT oid FROM pg_database
-                       WHERE datname = current_database())
-     AND l.classid = ((lock.k >> 32) & 4294967295)::text::oid
-     AND l.objid = (lock.k & 4294967295)::text::oid
+    {_JOB_LOCK}
+    JOIN pg_locks l ON l.granted AND {_HOLDS_JOB_LOCK}
     WHERE j.status = 'STARTED'
       AND (j.started_at + make_interval(secs => j.timeout_s) < now() - %(after)s
            OR (j.cancel_requested AND j.updated_at < now() - %(after)s))
       -- The read model may lag: only a row the log still agrees with, or a
       -- later, healthy attempt would lose its session.
       AND j.version = (SELECT max(e.version) FROM events e
-                       WHERE e.stream_id = 'job-' || j.id::text)
+                       WHERE e.stream_id = {_JOB_STREAM})
       AND pg_try_advisory_xact_lock(%(sweep_key)s)
     ORDER BY j.started_at
     LIMIT %(limit)s
@@ -338,15 +337,13 @@ class Dispatcher:
         }
         async with transaction(self.engine) as connection:
             rows: list[Any] = list(await connection.exec_driver_sql(_HUNG_RUNS, params))
+        job_ids = [str(row[0]) for row in rows]
         if rows:
             log.warning(
                 "ended the database sessions of job runs hung past their end",
-                extra={
-                    "jobs": [str(row[0]) for row in rows],
-                    "backends": [row[1] for row in rows],
-                },
+                extra={"jobs": job_ids, "backends": [row[1] for row in rows]},
             )
-        return [str(row[0]) for row in rows]
+        return job_ids
 
     async def _save(self, position: LogPosition) -> None:
         async with transaction(self.engine) as connection:
