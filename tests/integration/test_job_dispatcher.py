@@ -250,24 +250,30 @@ async def test_a_job_a_worker_holds_is_not_sent_again(
         assert await dispatcher.redispatch_lost() == 0
 
 
-async def test_nothing_is_sent_again_while_tasks_wait_in_the_queue(
-    store, engine, settings, dispatcher
-):
-    await stale_job(store, engine)
+@contextlib.asynccontextmanager
+async def task_left_waiting(settings, dispatcher: Dispatcher):
+    """Once the job's first task waits in the jobs queue, which nobody consumes;
+    the queue is deleted after."""
     try:
-        # Nobody consumes the jobs queue: the first task waits there.
         async with asyncio.timeout(30):
             while True:
                 if await dispatcher.sender.waiting():
                     break
                 await asyncio.sleep(0.05)
-
-        assert await dispatcher.redispatch_lost() == 0
+        yield
     finally:
         connection = await aio_pika.connect(settings.rabbitmq_url)
         async with connection:
             channel = await connection.channel()
             await channel.queue_delete(settings.jobs_queue)
+
+
+async def test_nothing_is_sent_again_while_tasks_wait_in_the_queue(
+    store, engine, settings, dispatcher
+):
+    await stale_job(store, engine)
+    async with task_left_waiting(settings, dispatcher):
+        assert await dispatcher.redispatch_lost() == 0
 
 
 async def test_a_started_job_no_one_runs_is_sent_again_whatever_waits(
@@ -275,21 +281,9 @@ async def test_a_started_job_no_one_runs_is_sent_again_whatever_waits(
 ):
     # Its run was lost, and the delivery given back was dropped as a duplicate.
     await stale_job(store, engine, JobStarted(attempt=1, worker="gone/1"))
-    try:
-        # Nobody consumes the jobs queue: the first task waits there.
-        async with asyncio.timeout(30):
-            while True:
-                if await dispatcher.sender.waiting():
-                    break
-                await asyncio.sleep(0.05)
-
+    async with task_left_waiting(settings, dispatcher):
         assert await dispatcher.redispatch_lost() == 1
         assert await dispatcher.sender.waiting() == 2
-    finally:
-        connection = await aio_pika.connect(settings.rabbitmq_url)
-        async with connection:
-            channel = await connection.channel()
-            await channel.queue_delete(settings.jobs_queue)
 
 
 async def test_a_failed_look_for_lost_tasks_does_not_stop_dispatching(
